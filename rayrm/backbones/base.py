@@ -1,0 +1,99 @@
+"""The backbone interface and its registry."""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import importlib.metadata
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from rayrm.config import BackboneConfig
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "rayrm.backbones"
+# Built-in backbones, imported only when chosen.
+_BUILTIN_MODULES = {"tiny": "rayrm.backbones.tiny"}
+_REGISTRY: dict[str, type[Backbone]] = {}
+
+
+class UnknownBackboneError(KeyError):
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0])
+
+
+class Backbone(abc.ABC):
+    """Turns uint8 frames and task prompts into float32 embeddings.
+
+    ``visual_dim`` is the size of one frame's embedding; ``language_dim`` the size of a
+    prompt's embedding, or 0 for backbones that fuse the prompt into every frame (VLMs).
+    Implementations load their weights in ``__init__`` and are pure afterwards: the same
+    frames give the same embeddings whatever the batch they arrive in.
+    """
+
+    visual_dim: int
+    language_dim: int
+
+    def __init__(self, cfg: BackboneConfig, device: torch.device | None = None):
+        self.cfg = cfg
+        self.device = device or default_device()
+
+    @abc.abstractmethod
+    def embed_frames(self, frames: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+        """uint8 [B, H, W, 3] frames (and each frame's prompt) -> float32 [B, visual_dim]."""
+
+    def embed_prompts(self, prompts: Sequence[str]) -> np.ndarray:
+        """Prompts -> float32 [N, language_dim]; backbones without a text encoder return [N, 0]."""
+        return np.zeros((len(prompts), 0), dtype=np.float32)
+
+
+def default_device() -> torch.device:
+    # Choose from torch, not from Ray: a fake-GPU test cluster assigns GPUs torch can't see.
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_frames(frames: np.ndarray) -> None:
+    """Backbones take RGB uint8 [B, H, W, 3]; say clearly what arrived instead."""
+    if frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8, got {frames.dtype}")
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be RGB [B, H, W, 3], got shape {tuple(frames.shape)}")
+
+
+def register_backbone(name: str) -> Callable[[type[Backbone]], type[Backbone]]:
+    def decorator(cls: type[Backbone]) -> type[Backbone]:
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def _load_entry_points() -> None:
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if entry.name not in _REGISTRY:
+            _REGISTRY[entry.name] = entry.load()
+
+
+def available_backbones() -> list[str]:
+    _load_entry_points()
+    return sorted(set(_REGISTRY) | set(_BUILTIN_MODULES))
+
+
+def backbone_class(name: str) -> type[Backbone]:
+    if name not in _REGISTRY and name in _BUILTIN_MODULES:
+        importlib.import_module(_BUILTIN_MODULES[name])
+    if name not in _REGISTRY:
+        _load_entry_points()
+    if name not in _REGISTRY:
+        raise UnknownBackboneError(
+            f"unknown backbone '{name}'; available: {', '.join(available_backbones())}"
+        )
+    return _REGISTRY[name]
+
+
+def build_backbone(cfg: BackboneConfig, device: torch.device | None = None) -> Backbone:
+    return backbone_class(cfg.name)(cfg, device)

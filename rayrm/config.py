@@ -1,0 +1,272 @@
+"""One config tree for every rayrm command.
+
+A run is described by :class:`Config`: one dataclass per stage (synth, backbone, embed,
+model, train, evaluate, ray). YAML files in ``configs/`` set any subset of the fields, and
+command-line overrides set single fields by dotted path::
+
+    rayrm train --config configs/demo.yaml --train.lr 3e-4 --model.num_layers=2
+
+Unknown keys are errors (a typo must not silently fall back to a default). Paths left empty
+are derived from ``workdir`` by :func:`resolve_paths`, so one ``workdir`` is enough for the
+demo, while a cluster job can point each stage at its own (local or remote) location.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or holds a value of the wrong type."""
+
+
+@dataclass
+class SynthConfig:
+    """Synthetic episodes in the seed's raw HDF5 layout (see ``rayrm.data.synthetic``)."""
+
+    output: str | None = None  # HDF5 file; default <workdir>/raw/episodes.h5
+    num_episodes: int = 80
+    failure_fraction: float = 0.3  # share of episodes that fail (stall, drop, move back)
+    image_size: int = 64  # square side_cam / wrist_cam frames
+    min_stage_frames: int = 8
+    max_stage_frames: int = 20
+    noise: float = 4.0  # std of per-pixel Gaussian noise (uint8 units)
+    prompt: str = "Put the cube in the pot."
+    seed: int = 0
+
+
+@dataclass
+class BackboneConfig:
+    """Which frame/prompt encoder to run; see ``rayrm.backbones`` for the registry."""
+
+    name: str = "tiny"
+    seed: int = 0  # random-init backbones (tiny) are deterministic from this seed
+    visual_dim: int = 128  # tiny only; real backbones declare their own
+    language_dim: int = 32  # tiny only
+    checkpoint: str | None = None  # weights file or folder for real backbones
+    dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; or float32 / bfloat16
+    options: dict[str, Any] = field(default_factory=dict)  # backbone-specific settings
+
+
+@dataclass
+class EmbedConfig:
+    """Ray Data embedding: HDF5 episodes in, Parquet episode shards out (``rayrm.embed``)."""
+
+    input: str | None = None  # HDF5 file, folder of .h5/.hdf5 files, or glob
+    output: str | None = None  # folder; default <workdir>/embeddings
+    camera: str = "side_cam"
+    prompt: str | None = None  # overrides per-episode / per-file prompt attributes
+    batch_size: int = 64  # frames per backbone call
+    frames_per_block: int = 64  # frames per Ray Data block read from HDF5
+    num_actors: int = 1  # embedding actor pool size (one per GPU on a cluster)
+    num_gpus_per_actor: float = 0.0
+    # GPU actors reserve no CPU: Ray Data hangs when actors hold every CPU (ray#44687).
+    num_cpus_per_actor: float = 0.0
+    episodes_per_shard: int = 64  # episodes per Parquet file (approximate)
+    overwrite: bool = False
+
+
+@dataclass
+class ModelConfig:
+    """Reward transformer (SEED-SPEC §5). Defaults are the seed's sizes."""
+
+    d_model: int = 512
+    num_layers: int = 4
+    num_heads: int = 8
+    ffn_dim: int = 2048
+    dropout: float = 0.1
+    head_hidden: int = 256
+    max_seq_len: int = 32  # L: window length seen by the model
+
+
+@dataclass
+class TrainConfig:
+    """Ray Train (TorchTrainer + DDP) on the Parquet shards (``rayrm.train``)."""
+
+    embeddings: str | None = None  # default <workdir>/embeddings
+    output: str | None = None  # run folder; default <workdir>/train
+    run_name: str = "reward_model"
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    torch_threads: int = 0  # 0 = leave torch's default
+    batch_size: int = 256  # global batch, split evenly over workers
+    epochs: int = 100  # an epoch = as many windows as training frames (seed)
+    steps: int = 0  # > 0 overrides epochs with a fixed step count
+    lr: float = 1e-4
+    lr_min: float = 1e-5
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    rewind: bool = True
+    rewind_prob: float = 0.8
+    val_ratio: float = 0.2  # held-out episodes, by episode
+    val_every: int = 0  # steps between validations; 0 = every 10 epochs (seed)
+    val_windows: int = 512  # fixed windows drawn from held-out episodes for val loss
+    only_successful: bool = True  # train on successful episodes when a flag exists
+    blind: bool = False  # zero every input feature: the blind control
+    seed: int = 0
+    num_to_keep: int = 2
+
+
+@dataclass
+class EvaluateConfig:
+    """Whole-episode reward curves and metrics (``rayrm.evaluate``)."""
+
+    embeddings: str | None = None  # default <workdir>/embeddings
+    checkpoint: str | None = None  # default: best checkpoint of <workdir>/train
+    output: str | None = None  # default <workdir>/eval
+    split: str = "val"  # val = held-out episodes of the checkpoint's split; or all
+    plot_episodes: int = 3  # expert and failure episodes drawn in the plot
+    batch_size: int = 256  # prefixes per forward pass
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: connect to a running cluster or start a local one
+    num_cpus: int | None = None  # only for a local Ray started by rayrm
+
+
+@dataclass
+class Config:
+    workdir: str = "outputs/demo"
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    log_level: str = "INFO"
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a field annotation, converting ints to floats where allowed."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} is not a {annotation}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if annotation in (int, float, str) and not isinstance(value, annotation):
+        raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}")
+    if annotation is int and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected int, got {value!r}")
+    return value
+
+
+def _apply(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}' (known: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+            _apply(current, value, prefix=f"{path}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], path))
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``["--train.lr", "3e-4", "--model.num_layers=2"]`` -> nested dict of typed values."""
+    nested: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"expected --section.key value, got {arg!r}")
+        key, sep, raw = arg[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override {arg} has no value")
+            raw = args[i + 1]
+            i += 1
+        i += 1
+        value = yaml.safe_load(raw) if raw != "" else None
+        node = nested
+        parts = key.replace("-", "_").split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file, then the overrides."""
+    cfg = Config()
+    if path is not None:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        try:
+            _apply(cfg, data)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+    if overrides:
+        _apply(cfg, parse_overrides(overrides))
+    return cfg
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """Fill empty stage paths from ``workdir`` so the stages find each other's outputs."""
+    out = dataclasses.replace(cfg)
+    work = cfg.workdir.rstrip("/")
+    out.synth = dataclasses.replace(cfg.synth, output=cfg.synth.output or f"{work}/raw/episodes.h5")
+    out.embed = dataclasses.replace(
+        cfg.embed,
+        input=cfg.embed.input or out.synth.output,
+        output=cfg.embed.output or f"{work}/embeddings",
+    )
+    out.train = dataclasses.replace(
+        cfg.train,
+        embeddings=cfg.train.embeddings or out.embed.output,
+        output=cfg.train.output or f"{work}/train",
+    )
+    out.evaluate = dataclasses.replace(
+        cfg.evaluate,
+        embeddings=cfg.evaluate.embeddings or out.embed.output,
+        output=cfg.evaluate.output or f"{work}/eval",
+    )
+    return out
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild a config dataclass (e.g. stored in a checkpoint's JSON) with type checks."""
+    obj = cls()
+    _apply(obj, data)
+    return obj
+
+
+def dumps(cfg: Any) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=True)

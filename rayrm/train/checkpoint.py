@@ -1,0 +1,80 @@
+"""Checkpoints that load without unpickling code.
+
+A checkpoint folder holds:
+
+==================  ===============================================================
+file                content
+==================  ===============================================================
+model.safetensors   model weights and input-normalisation buffers
+config.json         model config, embedding dims, the training config, step, metrics
+train_state.pt      optimizer and scheduler state (tensors and numbers only; loaded
+                    with ``torch.load(weights_only=True)``)
+==================  ===============================================================
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rayrm.config import ModelConfig, from_dict
+from rayrm.train.model import RewardTransformer
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+TRAIN_STATE = "train_state.pt"
+
+
+def save_checkpoint(
+    path: str,
+    model: RewardTransformer,
+    meta: dict[str, Any],
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+) -> None:
+    """``meta`` must be JSON-serialisable: it holds the train config, step and metrics."""
+    os.makedirs(path, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, os.path.join(path, WEIGHTS))
+    config = {
+        "model": vars(model.cfg).copy(),
+        "visual_dim": model.visual_dim,
+        "language_dim": model.language_dim,
+        **meta,
+    }
+    with open(os.path.join(path, CONFIG), "w") as f:
+        json.dump(config, f, indent=2)
+    if optimizer is not None:
+        train_state = {"optimizer": optimizer.state_dict(), "step": meta.get("step", 0)}
+        if scheduler is not None:
+            train_state["scheduler"] = scheduler.state_dict()
+        torch.save(train_state, os.path.join(path, TRAIN_STATE))
+
+
+def read_checkpoint_config(path: str) -> dict[str, Any]:
+    config_path = os.path.join(path, CONFIG)
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{path}: not a rayrm checkpoint (no {CONFIG})")
+    with open(config_path) as f:
+        return json.load(f)
+
+
+def load_model(path: str, device: torch.device | str = "cpu") -> tuple[RewardTransformer, dict]:
+    """Rebuild the model from ``config.json`` and load its safetensors weights (strict)."""
+    config = read_checkpoint_config(path)
+    model = RewardTransformer(
+        from_dict(ModelConfig, config["model"]), config["visual_dim"], config["language_dim"]
+    )
+    model.load_state_dict(load_file(os.path.join(path, WEIGHTS)))
+    return model.to(device).eval(), config
+
+
+def load_train_state(path: str) -> dict[str, Any] | None:
+    state_path = os.path.join(path, TRAIN_STATE)
+    if not os.path.exists(state_path):
+        return None
+    return torch.load(state_path, map_location="cpu", weights_only=True)

@@ -1,0 +1,97 @@
+"""Training windows exactly as SEED-SPEC §4, sampled for a whole batch at once.
+
+For an episode of T frames (all numbers are frame indices inside the episode):
+
+* start ``a`` uniform in [0, T-4]; end ``b`` uniform in [a+3, T-1] (exclusive end), so the
+  window is frames a..b-1 (at least 3 frames; the seed never includes frame T-1);
+* progress target (ReWIND, relative to the window start): frame f -> (f - a) / (T - a);
+* rewind (probability ``rewind_prob``): split ``s`` uniform in [a, b-3]; frames b-2, b-3, ...,
+  s+1 are appended in reverse, each with its own progress, so the target rises then falls;
+* to length L: a sequence of n <= L items is padded by repeating its last item; a longer one
+  is subsampled at ``np.linspace(0, n-1, L).astype(int)``.
+
+Episodes are chosen with probability proportional to their length. Everything is computed as
+[B, L] tensors (no per-sample Python loop), returning indices into a flat frame buffer, so the
+gather of embeddings happens on the training device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def sequence_positions(n: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Per row, which of the n items fills each of the L slots: int64 [B, L].
+
+    Matches the seed: pad by repeating the last item, or ``np.linspace(0, n-1, L)`` truncated
+    to int (same float64 arithmetic: k * ((n-1)/(L-1)), last slot exactly n-1).
+    """
+    n = n.to(torch.int64).unsqueeze(1)
+    k = torch.arange(seq_len, device=n.device).unsqueeze(0)
+    padded = torch.minimum(k, n - 1)
+    if seq_len == 1:
+        return n - 1
+    step = (n - 1).to(torch.float64) / (seq_len - 1)
+    subsampled = (k.to(torch.float64) * step).to(torch.int64)
+    subsampled[:, -1] = (n - 1).squeeze(1)
+    return torch.where(n <= seq_len, padded, subsampled)
+
+
+@dataclass
+class WindowBatch:
+    frame_index: torch.Tensor  # int64 [B, L], index into the flat frame buffer
+    episode: torch.Tensor  # int64 [B], which episode each row came from
+    target: torch.Tensor  # float32 [B, L], progress targets
+    local_frame: torch.Tensor  # int64 [B, L], frame index inside the episode
+
+
+def _uniform_int(low: torch.Tensor, high: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Uniform integers in [low, high] (inclusive), elementwise."""
+    u = torch.rand(low.shape, generator=g, dtype=torch.float64, device=low.device)
+    return low + torch.minimum((u * (high - low + 1)).to(torch.int64), high - low)
+
+
+def sample_windows(
+    lengths: torch.Tensor,
+    offsets: torch.Tensor,
+    batch_size: int,
+    seq_len: int,
+    rewind_prob: float,
+    generator: torch.Generator,
+) -> WindowBatch:
+    """Sample ``batch_size`` windows over episodes of the given lengths (all >= 4)."""
+    episode = torch.multinomial(
+        lengths.to(torch.float64), batch_size, replacement=True, generator=generator
+    )
+    T = lengths[episode]
+    a = _uniform_int(torch.zeros_like(T), T - 4, generator)
+    b = _uniform_int(a + 3, T - 1, generator)
+    s = _uniform_int(a, b - 3, generator)
+    do_rewind = torch.rand(batch_size, generator=generator, device=T.device) < rewind_prob
+    rewind_len = torch.where(do_rewind, b - 2 - s, torch.zeros_like(s))
+    n = (b - a) + rewind_len
+    j = sequence_positions(n, seq_len)  # position inside the (window + rewind) sequence
+    forward_len = (b - a).unsqueeze(1)
+    frame = torch.where(
+        j < forward_len, a.unsqueeze(1) + j, (b - 2).unsqueeze(1) - (j - forward_len)
+    )
+    target = (frame - a.unsqueeze(1)).to(torch.float32) / (T - a).unsqueeze(1).to(torch.float32)
+    return WindowBatch(
+        frame_index=offsets[episode].unsqueeze(1) + frame,
+        episode=episode,
+        target=target,
+        local_frame=frame,
+    )
+
+
+def prefix_positions(num_frames: int, seq_len: int, device=None) -> torch.Tensor:
+    """For each prefix emb[:i+1] of an episode, its L frame indices: int64 [T, L]."""
+    n = torch.arange(1, num_frames + 1, device=device)
+    return sequence_positions(n, seq_len)
+
+
+def prefix_read_position(num_frames: int, seq_len: int, device=None) -> torch.Tensor:
+    """Where prefix i's own prediction sits in its sequence: min(i, L-1)."""
+    return torch.clamp(torch.arange(num_frames, device=device), max=seq_len - 1)
