@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,53 @@ import yaml
 
 class ConfigError(ValueError):
     """A config file or override names an unknown key or holds a value of the wrong type."""
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, but ``3e-4`` and ``1e5`` are floats (YAML 1.2), not strings.
+
+    PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent (``3.0e-4``), so
+    ``lr: 3e-4`` or ``--train.lr 3e-4`` would otherwise be the string "3e-4" and be rejected.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _load_yaml(text: Any, where: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)  # a SafeLoader: builds plain data only
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML: {err}") from None
+
+
+NULLS = ("", "~", "null", "Null", "NULL")
+
+
+@dataclass(frozen=True)
+class _Override:
+    """A command-line value before it meets its field: typed by YAML, unless the field is a
+    string, which takes the text as written (``--train.run_name 001`` stays "001", a prompt
+    may contain ": " or "#")."""
+
+    raw: str
+    key: str
+
+    def value(self) -> Any:
+        return None if self.raw.strip() in NULLS else _load_yaml(self.raw, self.key)
+
+
+def _plain(value: Any) -> Any:
+    """Command-line values inside a mapping (``--backbone.options.attn sdpa``) -> YAML values."""
+    if isinstance(value, _Override):
+        return value.value()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 @dataclass
@@ -113,7 +161,7 @@ class TrainConfig:
     only_successful: bool = True  # train on successful episodes when a flag exists
     blind: bool = False  # zero every input feature: the blind control
     seed: int = 0
-    num_to_keep: int = 2
+    num_to_keep: int = 2  # checkpoints kept, best by val_loss; 0 keeps all
 
 
 @dataclass
@@ -149,6 +197,13 @@ class Config:
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check ``value`` against a field annotation, converting ints to floats where allowed."""
+    if isinstance(value, _Override):
+        union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        options = typing.get_args(annotation) if union else (annotation,)
+        if str in options and not (type(None) in options and value.raw.strip() in NULLS):
+            return value.raw
+        value = value.value()
+    value = _plain(value)
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
@@ -186,6 +241,7 @@ def _apply(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
             raise ConfigError(f"unknown config key '{path}' (known: {', '.join(sorted(names))})")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
+            value = _plain(value)
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: expected a mapping, got {value!r}")
             _apply(current, value, prefix=f"{path}.")
@@ -195,6 +251,11 @@ def _apply(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
     """``["--train.lr", "3e-4", "--model.num_layers=2"]`` -> nested dict of typed values."""
+    return _plain(_parse_override_args(args))
+
+
+def _parse_override_args(args: list[str]) -> dict[str, Any]:
+    """Like :func:`parse_overrides`, with each value kept as written (:class:`_Override`)."""
     nested: dict[str, Any] = {}
     i = 0
     while i < len(args):
@@ -208,12 +269,13 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             raw = args[i + 1]
             i += 1
         i += 1
-        value = yaml.safe_load(raw) if raw != "" else None
         node = nested
         parts = key.replace("-", "_").split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = value
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {arg}: '{part}' was already given a value")
+        node[parts[-1]] = _Override(raw, key)
     return nested
 
 
@@ -222,7 +284,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = Config()
     if path is not None:
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            data = _load_yaml(f, str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         try:
@@ -230,7 +292,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
     if overrides:
-        _apply(cfg, parse_overrides(overrides))
+        _apply(cfg, _parse_override_args(overrides))
     return cfg
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 
 import ray
 
@@ -28,3 +30,19 @@ def init_ray(cfg: RayConfig) -> None:
         ray.init(address=address)
     else:
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=False)
+
+
+@contextlib.contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """Datasets created inside run without progress bars.
+
+    For small side datasets (training's episode feeds, evaluation) whose bars would only
+    drown the training log; a Dataset keeps the DataContext it was created under.
+    """
+    ctx = ray.data.DataContext.get_current()
+    previous = ctx.enable_progress_bars
+    ctx.enable_progress_bars = False
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars = previous

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import ray
 
 from rayrm.data import schema
 
@@ -42,6 +43,19 @@ def read_episode_index(path: str) -> pa.Table:
         shard_dir(path), columns=["episode_id", "num_frames", "success", "stage_boundaries"]
     )
     return table.sort_by("episode_id")
+
+
+def episode_dataset(path: str, episode_ids: list[str] | None = None) -> ray.data.Dataset:
+    """Ray Dataset of the shards' rows (training columns only), optionally only some episodes."""
+    dataset = ray.data.read_parquet(shard_dir(path)).select_columns(schema.TRAIN_COLUMNS)
+    if episode_ids is None:
+        return dataset
+    keep = pa.array(episode_ids, type=pa.string())
+
+    def select(batch: pa.Table) -> pa.Table:
+        return batch.filter(pc.is_in(batch.column("episode_id"), value_set=keep))
+
+    return dataset.map_batches(select, batch_format="pyarrow")
 
 
 def check_columns(table_schema: pa.Schema, required: Iterable[str], where: str) -> None:

@@ -1,0 +1,2 @@
+"""Evaluation: whole-episode curves (``curves``), metrics/plots (``report``), the driver
+(``run``)."""

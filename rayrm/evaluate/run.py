@@ -12,14 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 
 from rayrm.config import Config
-from rayrm.data import schema
-from rayrm.data.shards import read_episode_index, read_manifest, shard_dir
+from rayrm.data.shards import episode_dataset, read_episode_index, read_manifest
 from rayrm.evaluate.curves import CurveScorer
 from rayrm.evaluate.report import all_metrics, plot_curves, write_json
+from rayrm.runtime import quiet_datasets
 from rayrm.train.checkpoint import read_checkpoint_config
 from rayrm.train.trainer import find_checkpoint
 
@@ -43,16 +42,8 @@ def _episode_ids(cfg: Config, checkpoint_config: dict) -> list[str]:
 
 def score_episodes(embeddings: str, checkpoint: str, ids: list[str], batch_size: int) -> dict:
     """Curves of the given episodes, computed by a Ray Data actor; returns columns as lists."""
-    keep = pa.array(ids, type=pa.string())
-
-    def select(batch: pa.Table) -> pa.Table:
-        return batch.filter(pc.is_in(batch.column("episode_id"), value_set=keep))
-
-    dataset = (
-        ray.data.read_parquet(shard_dir(embeddings))
-        .select_columns(schema.TRAIN_COLUMNS)
-        .map_batches(select, batch_format="pyarrow")
-        .map_batches(
+    with quiet_datasets():
+        dataset = episode_dataset(embeddings, ids).map_batches(
             CurveScorer,
             fn_constructor_kwargs={"checkpoint": checkpoint, "batch_size": batch_size},
             batch_size=16,
@@ -60,7 +51,6 @@ def score_episodes(embeddings: str, checkpoint: str, ids: list[str], batch_size:
             compute=ray.data.ActorPoolStrategy(size=1),
             num_cpus=0,
         )
-    )
     table = pa.concat_tables(dataset.iter_batches(batch_format="pyarrow", batch_size=None))
     table = table.sort_by("episode_id")
     if table.num_rows != len(set(ids)):

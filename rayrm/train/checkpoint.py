@@ -37,6 +37,9 @@ def save_checkpoint(
     scheduler: Any = None,
 ) -> None:
     """``meta`` must be JSON-serialisable: it holds the train config, step and metrics."""
+    reserved = sorted({"model", "visual_dim", "language_dim"} & set(meta))
+    if reserved:  # they would silently replace what load_model rebuilds the model from
+        raise ValueError(f"checkpoint meta must not set {reserved}: they describe the model")
     os.makedirs(path, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, os.path.join(path, WEIGHTS))

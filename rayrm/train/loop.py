@@ -31,6 +31,7 @@ from torch.nn import functional as F
 from rayrm import metrics
 from rayrm.config import ModelConfig, TrainConfig, to_dict
 from rayrm.data.shards import EpisodeBatch, episodes_from_table, select_episodes
+from rayrm.runtime import setup_logging
 from rayrm.train.checkpoint import load_train_state, save_checkpoint
 from rayrm.train.model import RewardTransformer
 from rayrm.train.windows import WindowBatch, sample_windows
@@ -154,6 +155,7 @@ def _report(model, optimizer, schedule, step: int, scalars: dict, meta: dict, va
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    setup_logging(config.get("log_level", "INFO"))
     cfg: TrainConfig = config["train"]
     model_cfg: ModelConfig = config["model"]
     total_steps, val_every = config["total_steps"], config["val_every"]
@@ -188,6 +190,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank + 7919 * start)
     meta = {"train": to_dict(cfg), **config["meta"]}
+    if start == 0 and rank == 0:  # the untrained model's scores: the baseline to beat
+        meta["val_at_start"] = validate(raw_model, val, val_windows, autocast)
     losses, tick = [], time.perf_counter()
     for step in range(start + 1, total_steps + 1):
         windows = sample_windows(

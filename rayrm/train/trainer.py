@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
@@ -28,11 +27,13 @@ from rayrm.data import schema
 from rayrm.data.shards import (
     ShardError,
     check_columns,
+    episode_dataset,
     read_episode_index,
     read_manifest,
     shard_dir,
     split_episodes,
 )
+from rayrm.runtime import quiet_datasets
 from rayrm.train.loop import steps_for, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
@@ -85,16 +86,6 @@ def _check_resources(cfg: Config, num_train_episodes: int) -> None:
             )
 
 
-def _episodes(path: str, ids: list[str]):
-    keep = pa.array(ids, type=pa.string())
-
-    def select(batch: pa.Table) -> pa.Table:
-        return batch.filter(pc.is_in(batch.column("episode_id"), value_set=keep))
-
-    dataset = ray.data.read_parquet(shard_dir(path)).select_columns(schema.TRAIN_COLUMNS)
-    return dataset.map_batches(select, batch_format="pyarrow")
-
-
 @dataclass
 class TrainResult:
     run_dir: str
@@ -127,6 +118,11 @@ def run_train(cfg: Config) -> TrainResult:
         "backbone": manifest["backbone"],
         "split": {"val_ratio": tcfg.val_ratio, "seed": tcfg.seed, "val_episodes": split.val},
     }
+    with quiet_datasets():
+        datasets = {
+            "train": episode_dataset(tcfg.embeddings, split.train),
+            "val": episode_dataset(tcfg.embeddings, split.val),
+        }
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -134,6 +130,7 @@ def run_train(cfg: Config) -> TrainResult:
             "model": cfg.model,
             "total_steps": total_steps,
             "val_every": val_every,
+            "log_level": cfg.log_level,
             "meta": meta,
         },
         scaling_config=ScalingConfig(
@@ -148,15 +145,12 @@ def run_train(cfg: Config) -> TrainResult:
             name=tcfg.run_name,
             storage_path=os.path.abspath(tcfg.output),
             checkpoint_config=CheckpointConfig(
-                num_to_keep=tcfg.num_to_keep,
+                num_to_keep=tcfg.num_to_keep or None,
                 checkpoint_score_attribute="val_loss",
                 checkpoint_score_order="min",
             ),
         ),
-        datasets={
-            "train": _episodes(tcfg.embeddings, split.train),
-            "val": _episodes(tcfg.embeddings, split.val),
-        },
+        datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()

@@ -1,0 +1,12 @@
+"""`ray job submit --working-dir . -- python jobs/embed.py --config configs/<x>.yaml [--a.b v]`
+
+Same as `rayrm embed`: parse the config, connect to the cluster (RAY_ADDRESS, set by
+`ray job submit`), run. Exits non-zero on failure so the job is reported as failed.
+"""
+
+import sys
+
+from rayrm.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["embed", *sys.argv[1:]]))
