@@ -51,7 +51,7 @@ def _load_yaml(text: Any, where: str) -> Any:
         raise ConfigError(f"{where}: not valid YAML: {err}") from None
 
 
-NULLS = ("", "~", "null", "Null", "NULL")
+_NULLS = ("", "~", "null", "Null", "NULL")
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class _Override:
     key: str
 
     def value(self) -> Any:
-        return None if self.raw.strip() in NULLS else _load_yaml(self.raw, self.key)
+        return None if self.raw.strip() in _NULLS else _load_yaml(self.raw, self.key)
 
 
 def _plain(value: Any) -> Any:
@@ -200,7 +200,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if isinstance(value, _Override):
         union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
         options = typing.get_args(annotation) if union else (annotation,)
-        if str in options and not (type(None) in options and value.raw.strip() in NULLS):
+        if str in options and not (type(None) in options and value.raw.strip() in _NULLS):
             return value.raw
         value = value.value()
     value = _plain(value)
@@ -241,7 +241,8 @@ def _apply(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
             raise ConfigError(f"unknown config key '{path}' (known: {', '.join(sorted(names))})")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
-            value = _plain(value)
+            if isinstance(value, _Override):  # e.g. --train 5
+                value = value.value()
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: expected a mapping, got {value!r}")
             _apply(current, value, prefix=f"{path}.")

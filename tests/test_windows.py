@@ -8,8 +8,6 @@ targets (f - a) / (T - a), then pad by repeating the last item or subsample at
 
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 import pytest
 import torch
@@ -246,7 +244,9 @@ def test_smallest_episode_has_exactly_one_window():
     for prob, frames in [(0.0, [0, 1, 2, 2, 2, 2]), (1.0, [0, 1, 2, 1, 1, 1])]:
         batch, _, _ = sample([4, 4], 50, 6, rewind_prob=prob)
         assert (batch.local_frame == torch.tensor(frames)).all()
-        assert torch.equal(batch.target, torch.tensor(frames, dtype=torch.float32).expand(50, 6) / 4)
+        assert torch.equal(
+            batch.target, torch.tensor(frames, dtype=torch.float32).expand(50, 6) / 4
+        )
         assert torch.equal(batch.frame_index, batch.local_frame + 4 * batch.episode[:, None])
 
 

@@ -53,8 +53,9 @@ class DeviceEpisodes:
 
     @classmethod
     def from_batch(cls, batch: EpisodeBatch, device: torch.device, blind: bool):
-        visual = torch.from_numpy(batch.visual).to(device)
-        language = torch.from_numpy(batch.language).to(device)
+        # Arrow hands out read-only buffers; torch wants writable ones (one copy, once).
+        visual = torch.from_numpy(np.array(batch.visual)).to(device)
+        language = torch.from_numpy(np.array(batch.language)).to(device)
         if blind:  # the blind control sees only zeros
             visual, language = torch.zeros_like(visual), torch.zeros_like(language)
         return cls(
