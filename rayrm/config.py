@@ -133,6 +133,9 @@ class ModelConfig:
     dropout: float = 0.1
     head_hidden: int = 256
     max_seq_len: int = 32  # L: window length seen by the model
+    # "first": a learned vector on the first video token only (seed); "all": a learned
+    # position embedding for every video position.
+    positional: str = "first"
 
 
 @dataclass
@@ -150,9 +153,13 @@ class TrainConfig:
     epochs: int = 100  # an epoch = as many windows as training frames (seed)
     steps: int = 0  # > 0 overrides epochs with a fixed step count
     lr: float = 1e-4
-    lr_min: float = 1e-5
-    weight_decay: float = 1e-4
+    lr_min: float = 1e-5  # cosine decay floor
+    warmup_steps: int = 0  # linear warmup from lr/100 before the cosine decay
+    weight_decay: float = 1e-4  # AdamW (decoupled)
     grad_clip: float = 1.0
+    # ReWiND's mismatched-instruction negatives: with this probability a window gets another
+    # task's instruction and a target of 0 everywhere (needs >= 2 distinct prompts).
+    mismatch_prob: float = 0.0
     rewind: bool = True
     rewind_prob: float = 0.8
     val_ratio: float = 0.2  # held-out episodes, by episode
@@ -161,7 +168,10 @@ class TrainConfig:
     only_successful: bool = True  # train on successful episodes when a flag exists
     blind: bool = False  # zero every input feature: the blind control
     seed: int = 0
-    num_to_keep: int = 2  # checkpoints kept, best by val_loss; 0 keeps all
+    num_to_keep: int = 1  # best checkpoints by val_loss kept besides the latest; 0 keeps all
+    max_failures: int = 3  # worker failures survived by restarting from the latest checkpoint
+    loggers: list[str] = field(default_factory=list)  # any of tensorboard, wandb, mlflow
+    crash_at_step: int = 0  # fault-tolerance drill: rank 0 exits once at this step
 
 
 @dataclass
@@ -221,6 +231,13 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return dict(value)
+    if origin is list:
+        if isinstance(value, str):  # --train.loggers tensorboard
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_type,) = typing.get_args(annotation)
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is bool and not isinstance(value, bool):

@@ -4,13 +4,15 @@
 
     HDF5EpisodeDatasource (read tasks, frame chunks)
       -> map_batches(FrameEmbedder, actor pool; GPUs when configured)
-      -> groupby(episode_id).map_groups(assemble_episode)   # one row per episode
+      -> groupby(episode_id, ~episodes/episodes_per_shard partitions)
+         .map_groups(assemble_episode)                       # one row per episode
       -> write_parquet(<output>.partial-*/shards) -> manifest.json -> rename to <output>
 
 Prompts are embedded once per distinct prompt (a single remote task), not once per frame.
 Every input episode is checked before any frame is read; any problem aborts the run with one
 line per problem and nothing written. The output folder appears only when complete (written
-under a temporary name, then renamed), so a reader never sees a half-written embedding set.
+under a temporary name, then renamed), so a reader never sees a half-written embedding set;
+``embed.overwrite`` moves the old output aside and deletes it only once the new one is in.
 
 Run: ``rayrm embed --config configs/demo.yaml`` (or ``jobs/embed.py`` on a cluster).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -28,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
@@ -48,24 +50,68 @@ logger = logging.getLogger(__name__)
 
 
 class FrameEmbedder:
-    """Ray Data callable class: loads the backbone once per actor, then embeds batches."""
+    """Ray Data callable class: loads the backbone once per actor, then embeds batches.
+
+    A batch may hold frames of several episodes, and episodes may differ in image size: Ray
+    Data then hands over an object array of per-frame arrays, which is embedded one image
+    size at a time (the backbone resizes, so sizes need not match across calls).
+    """
 
     def __init__(self, backbone_cfg: BackboneConfig):
         self.backbone = build_backbone(backbone_cfg)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        visual = self.backbone.embed_frames(batch["frame"], list(batch["prompt"]))
+        frames, prompts = batch["frame"], list(batch["prompt"])
+        if frames.dtype == object:
+            visual = self._embed_by_shape(frames, prompts)
+        else:
+            visual = self._embed(frames, prompts)
         return {
             "episode_id": batch["episode_id"],
             "frame_index": batch["frame_index"],
             "visual_embedding": visual,
         }
 
+    def _embed(self, frames: np.ndarray, prompts: list[str]) -> np.ndarray:
+        visual = np.asarray(self.backbone.embed_frames(frames, prompts), dtype=np.float32)
+        expected = (len(frames), self.backbone.visual_dim)
+        if visual.shape != expected:
+            name = self.backbone.cfg.name
+            raise RuntimeError(f"backbone '{name}' returned {visual.shape}, expected {expected}")
+        return visual
+
+    def _embed_by_shape(self, frames: np.ndarray, prompts: list[str]) -> np.ndarray:
+        visual = np.empty((len(frames), self.backbone.visual_dim), dtype=np.float32)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, frame in enumerate(frames):
+            by_shape.setdefault(np.shape(frame), []).append(i)
+        for rows in by_shape.values():
+            stacked = np.stack([frames[i] for i in rows])
+            visual[rows] = self._embed(stacked, [prompts[i] for i in rows])
+        return visual
+
 
 def embed_prompts(backbone_cfg: BackboneConfig, prompts: list[str]) -> dict[str, np.ndarray]:
     """Runs inside a Ray task so a GPU backbone never loads on the driver."""
     vectors = build_backbone(backbone_cfg).embed_prompts(prompts)
     return dict(zip(prompts, vectors))
+
+
+def describe_backbone(
+    backbone_cfg: BackboneConfig, prompts: list[str]
+) -> tuple[dict[str, np.ndarray], int, int]:
+    """Prompt vectors and the backbone's (visual_dim, language_dim), from one model load.
+
+    Runs inside a Ray task (like :func:`embed_prompts`) so a GPU backbone never loads on the
+    driver; the dims go into the manifest without reading the written shards back."""
+    backbone = build_backbone(backbone_cfg)
+    vectors = np.asarray(backbone.embed_prompts(prompts), dtype=np.float32)
+    if vectors.shape != (len(prompts), backbone.language_dim):
+        raise RuntimeError(
+            f"backbone '{backbone_cfg.name}' returned prompt embeddings of shape "
+            f"{vectors.shape}, expected {(len(prompts), backbone.language_dim)}"
+        )
+    return dict(zip(prompts, vectors)), int(backbone.visual_dim), int(backbone.language_dim)
 
 
 def assemble_episode(
@@ -79,6 +125,12 @@ def assemble_episode(
     if not np.array_equal(frames["frame_index"][order], np.arange(info.num_frames)):
         raise RuntimeError(f"episode {info.episode_id}: frames missing or repeated")
     visual = np.asarray(frames["visual_embedding"], dtype=np.float32)[order]
+    if not np.isfinite(visual).all():
+        bad = int(np.flatnonzero(~np.isfinite(visual).all(axis=1))[0])
+        raise FloatingPointError(
+            f"episode {info.episode_id} ({info.source_file}): non-finite visual embedding at "
+            f"frame {bad}"
+        )
     progress = (np.arange(info.num_frames, dtype=np.float32) + 1) / info.num_frames
     row = {
         "episode_id": [info.episode_id],
@@ -126,7 +178,42 @@ def _prepare_output(output: str, overwrite: bool) -> str:
         raise FileExistsError(f"{output} exists; pass --embed.overwrite true to replace it")
     parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
-    return os.path.join(parent, f".{os.path.basename(output)}.partial-{uuid.uuid4().hex[:8]}")
+    return _sibling(output, "partial")
+
+
+def _sibling(output: str, tag: str) -> str:
+    """A unique hidden folder next to ``output`` (same file system, so renames are atomic)."""
+    parent = os.path.dirname(os.path.abspath(output))
+    return os.path.join(parent, f".{os.path.basename(output)}.{tag}-{uuid.uuid4().hex[:8]}")
+
+
+def _publish(partial: str, output: str) -> None:
+    """Move the finished ``partial`` folder to ``output``, replacing an old one.
+
+    The old output is renamed aside first and deleted only once the new one is in place, so
+    a failure in between leaves the old output where it was."""
+    if not os.path.exists(output):
+        os.replace(partial, output)
+        return
+    old = _sibling(output, "old")
+    os.replace(output, old)
+    try:
+        os.replace(partial, output)
+    except BaseException:
+        os.replace(old, output)
+        raise
+    if os.path.isdir(old):
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.remove(old)
+
+
+def _shuffle_partitions(num_episodes: int, episodes_per_shard: int) -> int:
+    """Hash partitions for regrouping frames into episodes: about one shard file each.
+
+    Ray's default (200) starts up to 128 aggregator actors, which on a small cluster costs
+    far more than embedding a small dataset, and writes up to 200 tiny files."""
+    return max(1, math.ceil(num_episodes / max(1, episodes_per_shard)))
 
 
 def build_dataset(cfg: Config, episodes: list[EpisodeInfo], language: dict[str, np.ndarray]):
@@ -143,7 +230,8 @@ def build_dataset(cfg: Config, episodes: list[EpisodeInfo], language: dict[str, 
         num_cpus=ecfg.num_cpus_per_actor,
     )
     by_id = {e.episode_id: e for e in episodes}
-    return embedded.groupby("episode_id").map_groups(
+    groups = _shuffle_partitions(len(episodes), ecfg.episodes_per_shard)
+    return embedded.groupby("episode_id", num_partitions=groups).map_groups(
         assemble_episode,
         fn_kwargs={"episodes": by_id, "language": language},
         batch_format="numpy",
@@ -166,6 +254,19 @@ def _write_manifest(path: str, cfg: Config, episodes: list[EpisodeInfo], dims: d
         json.dump(manifest, f, indent=2)
 
 
+def _check_written(path: str, episodes: list[EpisodeInfo]) -> None:
+    """Every input episode written exactly once (reads only the id column back)."""
+    ids = pq.read_table(os.path.join(path, schema.SHARDS_DIR), columns=["episode_id"])
+    written = ids.column("episode_id").to_pylist()
+    expected = sorted(e.episode_id for e in episodes)
+    if sorted(written) != expected:
+        missing = sorted(set(expected) - set(written))[:5]
+        raise RuntimeError(
+            f"wrote {len(written)} episode rows ({len(set(written))} distinct), expected "
+            f"{len(expected)}; missing e.g. {missing}"
+        )
+
+
 def run_embed(cfg: Config) -> EmbedResult:
     """Embed ``cfg.embed.input`` into ``cfg.embed.output`` (both already resolved)."""
     start = time.perf_counter()
@@ -175,27 +276,18 @@ def run_embed(cfg: Config) -> EmbedResult:
     partial = _prepare_output(ecfg.output, ecfg.overwrite)
     try:
         prompts = sorted({e.prompt for e in episodes})
-        prompt_task = ray.remote(embed_prompts).options(
+        prompt_task = ray.remote(describe_backbone).options(
             num_gpus=ecfg.num_gpus_per_actor, num_cpus=ecfg.num_cpus_per_actor
         )
-        language = ray.get(prompt_task.remote(cfg.backbone, prompts))
+        language, visual_dim, language_dim = ray.get(prompt_task.remote(cfg.backbone, prompts))
         dataset = build_dataset(cfg, episodes, language)
         dataset.write_parquet(
             os.path.join(partial, schema.SHARDS_DIR), min_rows_per_file=ecfg.episodes_per_shard
         )
-        written = pq.read_table(
-            os.path.join(partial, schema.SHARDS_DIR), columns=["visual_embedding"]
-        )
-        if written.num_rows != len(episodes):
-            raise RuntimeError(f"wrote {written.num_rows} episodes, expected {len(episodes)}")
-        sizes = pc.list_value_length(written.column("visual_embedding"))
-        visual_dim = int(pc.sum(sizes).as_py()) // sum(e.num_frames for e in episodes)
-        language_dim = len(next(iter(language.values())))
+        _check_written(partial, episodes)
         dims = {"visual_dim": visual_dim, "language_dim": language_dim}
         _write_manifest(partial, cfg, episodes, dims)
-        if os.path.exists(ecfg.output):
-            shutil.rmtree(ecfg.output)
-        os.replace(partial, ecfg.output)
+        _publish(partial, ecfg.output)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     seconds = time.perf_counter() - start

@@ -17,7 +17,12 @@ logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "rayrm.backbones"
 # Built-in backbones, imported only when chosen.
-_BUILTIN_MODULES = {"tiny": "rayrm.backbones.tiny"}
+_BUILTIN_MODULES = {
+    "tiny": "rayrm.backbones.tiny",
+    "dinov2": "rayrm.backbones.dinov2",
+    "dinov2_minilm": "rayrm.backbones.dinov2_minilm",
+    "qwen3_vl": "rayrm.backbones.qwen3_vl",
+}
 _REGISTRY: dict[str, type[Backbone]] = {}
 
 
@@ -73,9 +78,19 @@ def register_backbone(name: str) -> Callable[[type[Backbone]], type[Backbone]]:
 
 
 def _load_entry_points() -> None:
+    """Register third-party backbones (group ``rayrm.backbones``, ``name = pkg.mod:Class``).
+
+    A plugin that fails to import is logged and skipped, so one broken package cannot hide
+    the built-in backbones or the others."""
     for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if entry.name not in _REGISTRY:
+        if entry.name in _REGISTRY:
+            continue
+        try:
             _REGISTRY[entry.name] = entry.load()
+        except Exception as err:  # any import-time failure of someone else's package
+            logger.warning(
+                "backbone entry point '%s' (%s) failed: %s", entry.name, entry.value, err
+            )
 
 
 def available_backbones() -> list[str]:
@@ -83,14 +98,33 @@ def available_backbones() -> list[str]:
     return sorted(set(_REGISTRY) | set(_BUILTIN_MODULES))
 
 
+def _import_backbone(spec: str) -> type[Backbone]:
+    """``package.module:ClassName`` -> that class (a backbone outside the registry)."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise UnknownBackboneError(f"backbone '{spec}' cannot be imported: {err}") from err
+    if not (isinstance(cls, type) and issubclass(cls, Backbone)):
+        raise UnknownBackboneError(f"backbone '{spec}' is not a Backbone subclass")
+    return cls
+
+
 def backbone_class(name: str) -> type[Backbone]:
+    """The class registered as ``name``; ``package.module:ClassName`` imports one directly.
+
+    The import form reaches a backbone that is neither built in nor an entry point, in every
+    Ray worker that can import the module (workers do not share the driver's registry)."""
     if name not in _REGISTRY and name in _BUILTIN_MODULES:
         importlib.import_module(_BUILTIN_MODULES[name])
     if name not in _REGISTRY:
         _load_entry_points()
+    if name not in _REGISTRY and ":" in name:
+        return _import_backbone(name)
     if name not in _REGISTRY:
         raise UnknownBackboneError(
-            f"unknown backbone '{name}'; available: {', '.join(available_backbones())}"
+            f"unknown backbone '{name}'; available: {', '.join(available_backbones())} "
+            "(or give package.module:ClassName)"
         )
     return _REGISTRY[name]
 

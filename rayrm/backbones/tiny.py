@@ -52,7 +52,10 @@ class TinyBackbone(Backbone):
     @torch.inference_mode()
     def embed_frames(self, frames: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
         check_frames(frames)
-        x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
+        frames = np.ascontiguousarray(frames)
+        if not frames.flags.writeable:  # Ray Data batches are read-only views
+            frames = frames.copy()
+        x = torch.from_numpy(frames).to(self.device)
         x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(0.5).div_(0.5)
         x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="area")
         return self.image_encoder(x).float().cpu().numpy()

@@ -74,44 +74,86 @@ def list_hdf5_files(spec: str) -> list[str]:
 
 def _attr(obj: h5py.HLObject, name: str):
     value = obj.attrs.get(name)
+    if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "OSUb":
+        value = value.item()  # a one-element array attribute holding a string or flag
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _check_frames(frames, camera: str, problem) -> int | None:
+    """Problems of the camera dataset; its frame count when it has one."""
+    if frames.dtype != np.uint8:
+        problem(camera, f"dtype {frames.dtype}, expected uint8")
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        problem(camera, f"shape {frames.shape}, expected [T, H, W, 3]")
+    if frames.ndim == 0:
+        return None
+    num_frames = int(frames.shape[0])
+    if num_frames < schema.MIN_EPISODE_FRAMES:
+        problem(camera, f"{num_frames} frames, need >= {schema.MIN_EPISODE_FRAMES}")
+    return num_frames
+
+
+def _stage_boundaries(group: h5py.Group, num_frames: int | None, problem) -> tuple[int, ...]:
+    """The ``stage_boundaries`` attribute: strictly increasing frame indices in (0, T)."""
+    raw = group.attrs.get(schema.ATTR_STAGE_BOUNDARIES)
+    if raw is None or isinstance(raw, h5py.Empty):
+        return ()
+    values = np.atleast_1d(np.asarray(raw))
+    if values.ndim != 1 or values.dtype.kind not in "iuf" or np.any(values != np.round(values)):
+        problem(schema.ATTR_STAGE_BOUNDARIES, f"{raw!r} is not a list of frame indices")
+        return ()
+    values = values.astype(np.int64)
+    upper = num_frames if num_frames is not None else np.inf
+    if np.any(np.diff(values) <= 0) or (len(values) and (values[0] <= 0 or values[-1] >= upper)):
+        problem(
+            schema.ATTR_STAGE_BOUNDARIES,
+            f"{values.tolist()} must increase strictly and lie in 1..T-1 (T={num_frames})",
+        )
+    return tuple(int(b) for b in values)
 
 
 def _check_episode(
     group: h5py.Group, file: str, camera: str, prompt: str | None
 ) -> EpisodeInfo | list[EpisodeProblem]:
+    """The episode's metadata, or every problem found in it (not just the first)."""
     name = group.name.lstrip("/")
+    problems: list[EpisodeProblem] = []
 
-    def problem(key: str, reason: str) -> list[EpisodeProblem]:
-        return [EpisodeProblem(file, name, key, reason)]
+    def problem(key: str, reason: str) -> None:
+        problems.append(EpisodeProblem(file, name, key, reason))
 
-    if camera not in group or not isinstance(group[camera], h5py.Dataset):
-        return problem(camera, f"missing camera dataset (has: {', '.join(sorted(group))})")
-    frames = group[camera]
-    if frames.dtype != np.uint8:
-        return problem(camera, f"dtype {frames.dtype}, expected uint8")
-    if frames.ndim != 4 or frames.shape[-1] != 3:
-        return problem(camera, f"shape {frames.shape}, expected [T, H, W, 3]")
-    num_frames = frames.shape[0]
-    if schema.ACTION_KEY in group and len(group[schema.ACTION_KEY]) != num_frames:
-        n_act = len(group[schema.ACTION_KEY])
-        return problem(schema.ACTION_KEY, f"{n_act} actions but {num_frames} frames")
-    if num_frames < schema.MIN_EPISODE_FRAMES:
-        return problem(camera, f"{num_frames} frames, need >= {schema.MIN_EPISODE_FRAMES}")
+    frames = group.get(camera)
+    num_frames = None
+    if isinstance(frames, h5py.Dataset):
+        num_frames = _check_frames(frames, camera, problem)
+    else:
+        problem(camera, f"missing camera dataset (has: {', '.join(sorted(group)) or 'nothing'})")
+    action = group.get(schema.ACTION_KEY)
+    if action is not None:
+        if not isinstance(action, h5py.Dataset) or action.ndim == 0:
+            problem(schema.ACTION_KEY, "not an array with one row per frame")
+        elif num_frames is not None and len(action) != num_frames:
+            problem(schema.ACTION_KEY, f"{len(action)} actions but {num_frames} frames")
     prompt = prompt or _attr(group, schema.ATTR_PROMPT) or _attr(group.file, schema.ATTR_PROMPT)
-    if not prompt:
-        return problem(schema.ATTR_PROMPT, "no prompt attribute and no embed.prompt given")
+    if not prompt or not isinstance(prompt, str):
+        problem(schema.ATTR_PROMPT, "no prompt attribute and no embed.prompt given")
     success = _attr(group, schema.ATTR_SUCCESS)
-    boundaries = group.attrs.get(schema.ATTR_STAGE_BOUNDARIES, np.zeros(0, np.int32))
+    boundaries = _stage_boundaries(group, num_frames, problem)
+    if problems:
+        return problems
     return EpisodeInfo(
         episode_id=name,
         source_file=file,
         num_frames=int(num_frames),
         frame_shape=tuple(int(s) for s in frames.shape[1:]),
-        prompt=str(prompt),
+        prompt=prompt,
         success=None if success is None else bool(success),
-        stage_boundaries=tuple(int(b) for b in np.atleast_1d(boundaries)),
+        stage_boundaries=boundaries,
     )
+
+
+# What h5py raises for damaged files and objects it cannot read.
+_READ_ERRORS = (OSError, KeyError, RuntimeError, ValueError, TypeError)
 
 
 def _scan_file(file: str, camera: str, prompt: str | None) -> tuple[list, list]:
@@ -121,11 +163,17 @@ def _scan_file(file: str, camera: str, prompt: str | None) -> tuple[list, list]:
     except OSError as err:
         return [], [EpisodeProblem(file, "-", "-", f"cannot open as HDF5: {err}")]
     with handle:
-        groups = [k for k in sorted(handle) if isinstance(handle[k], h5py.Group)]
+        try:
+            groups = [k for k in sorted(handle) if isinstance(handle.get(k), h5py.Group)]
+        except _READ_ERRORS as err:
+            return [], [EpisodeProblem(file, "-", "-", f"cannot list episodes: {err}")]
         if not groups:
             problems.append(EpisodeProblem(file, "-", "-", "file holds no episode groups"))
         for key in groups:
-            result = _check_episode(handle[key], file, camera, prompt)
+            try:
+                result = _check_episode(handle[key], file, camera, prompt)
+            except _READ_ERRORS as err:
+                result = [EpisodeProblem(file, key, "-", f"cannot read episode: {err}")]
             (problems.extend if isinstance(result, list) else episodes.append)(result)
     return episodes, problems
 

@@ -78,6 +78,7 @@ EPISODE_SCHEMA = pa.schema(
 TRAIN_COLUMNS = [
     "episode_id",
     "num_frames",
+    "prompt",
     "success",
     "stage_boundaries",
     "visual_embedding",

@@ -40,7 +40,8 @@ def shard_dir(path: str) -> str:
 def read_episode_index(path: str) -> pa.Table:
     """The small per-episode columns of every shard (no embeddings) for the driver."""
     table = pq.read_table(
-        shard_dir(path), columns=["episode_id", "num_frames", "success", "stage_boundaries"]
+        shard_dir(path),
+        columns=["episode_id", "num_frames", "prompt", "success", "stage_boundaries"],
     )
     return table.sort_by("episode_id")
 
@@ -95,6 +96,7 @@ class EpisodeBatch:
     offsets: np.ndarray  # int64 [N + 1]
     success: list[bool | None]
     stage_boundaries: list[list[int]]
+    prompts: list[str]
 
     @property
     def lengths(self) -> np.ndarray:
@@ -135,6 +137,7 @@ def episodes_from_table(table: pa.Table, where: str = "shards") -> EpisodeBatch:
         offsets=offsets,
         success=table.column("success").to_pylist(),
         stage_boundaries=table.column("stage_boundaries").to_pylist(),
+        prompts=table.column("prompt").to_pylist(),
     )
 
 
@@ -148,4 +151,5 @@ def select_episodes(batch: EpisodeBatch, keep: np.ndarray) -> EpisodeBatch:
         offsets=np.concatenate([[0], np.cumsum(batch.lengths[idx])]).astype(np.int64),
         success=[batch.success[i] for i in idx],
         stage_boundaries=[batch.stage_boundaries[i] for i in idx],
+        prompts=[batch.prompts[i] for i in idx],
     )

@@ -1,19 +1,21 @@
 """The per-worker training loop run by Ray Train's ``TorchTrainer`` (one copy per DDP rank).
 
-Each worker pulls its share of the training episodes (whole episodes, one Parquet row each)
-through ``ray.train.get_dataset_shard("train")`` into a flat frame buffer on its device, and
-every held-out episode through ``get_dataset_shard("val")`` (not split). Windows are sampled
-for the whole batch at once (``rayrm.train.windows``) and gathered from that buffer, so no
-per-sample Python or file work sits between the optimizer steps.
+Data: the driver assigns whole episodes to ranks (balanced by frames, deterministic); each
+worker streams the episode rows through ``ray.train.get_dataset_shard("train")``, keeps its
+own episodes, and packs them into one flat frame buffer on its device. Rank 0 also loads the
+held-out episodes (``"val"``). Windows are sampled for the whole batch at once
+(``rayrm.train.windows``) as index tensors and gathered from the buffer, so no per-sample
+Python or file work sits between optimizer steps, and the same seed and worker count give the
+same weights.
 
-All ranks run the same number of steps (computed by the driver from the global frame count),
-report at the same steps, and rank 0 validates and writes the checkpoint.
+All ranks run the same number of steps (computed by the driver from the global frame count)
+and report at the same steps; rank 0 validates, logs and writes the checkpoint. After a worker
+failure Ray Train restarts the workers and ``ray.train.get_checkpoint()`` resumes the run.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import tempfile
 import time
@@ -22,18 +24,21 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 from torch.nn import functional as F
 
 from rayrm import metrics
 from rayrm.config import ModelConfig, TrainConfig, to_dict
 from rayrm.data.shards import EpisodeBatch, episodes_from_table, select_episodes
 from rayrm.runtime import setup_logging
-from rayrm.train.checkpoint import load_train_state, save_checkpoint
+from rayrm.train.checkpoint import WEIGHTS, load_train_state, save_checkpoint
 from rayrm.train.model import RewardTransformer
+from rayrm.train.tracking import Trackers
 from rayrm.train.windows import WindowBatch, sample_windows
 
 logger = logging.getLogger(__name__)
@@ -47,32 +52,41 @@ class DeviceEpisodes:
 
     visual: torch.Tensor  # [sum T, D]
     language: torch.Tensor  # [N, D_lang]
+    task: torch.Tensor  # int64 [N], index of the episode's prompt in the task table
     lengths: torch.Tensor  # int64 [N]
     offsets: torch.Tensor  # int64 [N + 1]
     host: EpisodeBatch
 
     @classmethod
-    def from_batch(cls, batch: EpisodeBatch, device: torch.device, blind: bool):
+    def from_batch(cls, batch: EpisodeBatch, device, blind: bool, tasks: list[str]):
         # Arrow hands out read-only buffers; torch wants writable ones (one copy, once).
         visual = torch.from_numpy(np.array(batch.visual)).to(device)
         language = torch.from_numpy(np.array(batch.language)).to(device)
         if blind:  # the blind control sees only zeros
             visual, language = torch.zeros_like(visual), torch.zeros_like(language)
+        task_index = {prompt: i for i, prompt in enumerate(tasks)}
         return cls(
             visual=visual,
             language=language,
+            task=torch.tensor([task_index[p] for p in batch.prompts], device=device),
             lengths=torch.from_numpy(batch.lengths).to(device),
             offsets=torch.from_numpy(batch.offsets).to(device),
             host=batch,
         )
 
 
-def load_shard(name: str) -> EpisodeBatch:
-    shard = ray.train.get_dataset_shard(name)
-    tables = list(shard.iter_batches(batch_format="pyarrow", batch_size=64))
-    if not tables:
+def load_shard(name: str, keep_ids: list[str] | None = None) -> EpisodeBatch:
+    """All rows of a dataset shard (only ``keep_ids`` if given), sorted by episode id."""
+    keep = None if keep_ids is None else pa.array(keep_ids, type=pa.string())
+    tables = []
+    for table in ray.train.get_dataset_shard(name).iter_batches(batch_format="pyarrow"):
+        if keep is not None:
+            table = table.filter(pc.is_in(table.column("episode_id"), value_set=keep))
+        tables.append(table)
+    table = pa.concat_tables(tables).sort_by("episode_id") if tables else None
+    if table is None or table.num_rows == 0:
         raise RuntimeError(f"worker received no '{name}' episodes")
-    return episodes_from_table(pa.concat_tables(tables), where=f"'{name}' shard")
+    return episodes_from_table(table, where=f"'{name}' shard")
 
 
 def global_input_stats(episodes: DeviceEpisodes) -> list[torch.Tensor]:
@@ -80,12 +94,11 @@ def global_input_stats(episodes: DeviceEpisodes) -> list[torch.Tensor]:
     parts = []
     for x in (episodes.visual.double(), episodes.language.double()):
         parts += [x.sum(0), (x * x).sum(0), torch.tensor([len(x)], dtype=torch.float64)]
-    flat = torch.cat(parts).to(episodes.visual.device)
+    flat = torch.cat([p.to(episodes.visual.device) for p in parts])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(flat)
     d_vis, d_lang = episodes.visual.shape[1], episodes.language.shape[1]
-    sizes = [d_vis, d_vis, 1, d_lang, d_lang, 1]
-    v_sum, v_sq, v_n, l_sum, l_sq, l_n = torch.split(flat, sizes)
+    v_sum, v_sq, v_n, l_sum, l_sq, l_n = torch.split(flat, [d_vis, d_vis, 1, d_lang, d_lang, 1])
     stats = []
     for total, squares, count in ((v_sum, v_sq, v_n), (l_sum, l_sq, l_n)):
         mean = total / count
@@ -94,8 +107,31 @@ def global_input_stats(episodes: DeviceEpisodes) -> list[torch.Tensor]:
     return stats
 
 
-def window_inputs(episodes: DeviceEpisodes, windows: WindowBatch):
-    return episodes.visual[windows.frame_index], episodes.language[windows.episode]
+def window_inputs(
+    episodes: DeviceEpisodes,
+    windows: WindowBatch,
+    task_language: torch.Tensor | None = None,
+    mismatch_prob: float = 0.0,
+    generator: torch.Generator | None = None,
+):
+    """Gather a batch: visual [B, L, D], language [B, D_lang], targets [B, L].
+
+    With ``mismatch_prob`` > 0, that share of windows gets another task's instruction (drawn
+    from ``task_language``, never its own) and a target of 0: progress toward a task that is
+    not being done (ReWiND's mismatched-instruction negatives).
+    """
+    visual = episodes.visual[windows.frame_index]
+    language = episodes.language[windows.episode]
+    target = windows.target
+    if mismatch_prob > 0:
+        own = episodes.task[windows.episode]
+        n_tasks, batch = len(task_language), len(own)
+        swap = torch.rand(batch, generator=generator, device=own.device) < mismatch_prob
+        other = torch.randint(n_tasks - 1, (batch,), generator=generator, device=own.device)
+        other = other + (other >= own).long()  # any task but its own
+        language = torch.where(swap[:, None], task_language[other], language)
+        target = torch.where(swap[:, None], torch.zeros_like(target), target)
+    return visual, language, target
 
 
 @torch.no_grad()
@@ -105,8 +141,8 @@ def validate(
     """Loss on fixed held-out windows and VOC of plain prefix curves of expert episodes."""
     model.eval()
     with autocast():
-        visual, language = window_inputs(val, windows)
-        loss = F.mse_loss(model(visual, language).float(), windows.target).item()
+        visual, language, target = window_inputs(val, windows)
+        loss = F.mse_loss(model(visual, language).float(), target).item()
         curves = []
         for i in range(min(len(val.host), VOC_EPISODES)):
             frames = val.visual[val.offsets[i] : val.offsets[i + 1]]
@@ -115,12 +151,17 @@ def validate(
     return {"val_loss": loss, "val_voc": metrics.mean_voc(curves)}
 
 
-def _optimizer_and_schedule(model, cfg: TrainConfig, total_steps: int):
-    # Adam + cosine to lr_min over all steps: the seed's recipe (SEED-SPEC §5).
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=max(total_steps, 1), eta_min=cfg.lr_min
+def optimizer_and_schedule(model, cfg: TrainConfig, total_steps: int):
+    """AdamW; linear warmup from lr/100, then cosine decay to ``lr_min``."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=max(total_steps - warmup, 1), eta_min=cfg.lr_min
     )
+    if warmup == 0:
+        return optimizer, cosine
+    ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup)
+    schedule = torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], [warmup])
     return optimizer, schedule
 
 
@@ -129,9 +170,7 @@ def _resume(model, optimizer, schedule) -> int:
     if checkpoint is None:
         return 0
     with checkpoint.as_directory() as path:
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+        model.load_state_dict(load_file(os.path.join(path, WEIGHTS)))
         state = load_train_state(path)
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["scheduler"])
@@ -139,15 +178,105 @@ def _resume(model, optimizer, schedule) -> int:
     return int(state["step"])
 
 
-def _report(model, optimizer, schedule, step: int, scalars: dict, meta: dict, val_fn) -> None:
+def _crash_drill(cfg: TrainConfig, step: int, rank: int, marker_dir: str) -> None:
+    """``train.crash_at_step``: rank 0 dies once at that step, to prove the restart works."""
+    marker = os.path.join(marker_dir, f".crashed_at_step_{step}")
+    if cfg.crash_at_step == step and rank == 0 and not os.path.exists(marker):
+        os.makedirs(marker_dir, exist_ok=True)
+        open(marker, "w").close()
+        logger.warning("crash drill: rank 0 exits at step %d", step)
+        os._exit(1)
+
+
+@dataclass
+class Worker:
+    """What one rank holds while training."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    model: torch.nn.Module  # the DDP-wrapped model
+    raw_model: RewardTransformer
+    optimizer: torch.optim.Optimizer
+    schedule: Any
+    train: DeviceEpisodes
+    task_language: torch.Tensor
+    val: DeviceEpisodes | None
+    val_windows: WindowBatch | None
+
+    def autocast(self):
+        bf16 = self.device.type == "cuda"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def validate(self) -> dict[str, float]:
+        return validate(self.raw_model, self.val, self.val_windows, self.autocast)
+
+
+def build_worker(config: dict[str, Any]) -> Worker:
+    cfg: TrainConfig = config["train"]
+    model_cfg: ModelConfig = config["model"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    tasks = config["tasks"]
+    train = DeviceEpisodes.from_batch(
+        load_shard("train", config["rank_episodes"][rank]), device, cfg.blind, tasks
+    )
+    task_language = torch.from_numpy(np.array(config["task_language"])).to(device)
+    if cfg.blind:
+        task_language = torch.zeros_like(task_language)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    raw_model = RewardTransformer(model_cfg, train.visual.shape[1], train.language.shape[1])
+    raw_model.set_input_stats(*global_input_stats(train))
+    raw_model.to(device)
+    model = ray.train.torch.prepare_model(raw_model, move_to_device=False)
+    torch.manual_seed(cfg.seed + 1 + rank)  # dropout differs between ranks
+    optimizer, schedule = optimizer_and_schedule(model, cfg, config["total_steps"])
+    val = val_windows = None
+    if rank == 0:
+        val_batch = load_shard("val")
+        expert = np.array([s is not False for s in val_batch.success])  # targets assume success
+        val = DeviceEpisodes.from_batch(
+            select_episodes(val_batch, expert), device, cfg.blind, tasks
+        )
+        val_gen = torch.Generator(device=device).manual_seed(cfg.seed + 10_000)
+        rewind_prob = cfg.rewind_prob if cfg.rewind else 0.0
+        val_windows = sample_windows(
+            val.lengths, val.offsets, cfg.val_windows, model_cfg.max_seq_len, rewind_prob, val_gen
+        )
+    return Worker(
+        cfg,
+        rank,
+        world,
+        device,
+        model,
+        raw_model,
+        optimizer,
+        schedule,
+        train,
+        task_language,
+        val,
+        val_windows,
+    )
+
+
+def _report(worker: Worker, step: int, scalars: dict, meta: dict, trackers: Trackers) -> None:
     """Every rank reports (it is a barrier); rank 0 adds validation and the checkpoint."""
-    if ray.train.get_context().get_world_rank() != 0:
+    if worker.rank != 0:
         ray.train.report(scalars, checkpoint=None)
         return
-    scalars = {**scalars, **val_fn()}
+    scalars = {**scalars, **worker.validate()}
     logger.info("step %d: %s", step, {k: round(v, 5) for k, v in scalars.items()})
+    trackers.log(scalars, step)
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(tmp, model, {**meta, "step": step, "metrics": scalars}, optimizer, schedule)
+        save_checkpoint(
+            tmp,
+            worker.raw_model,
+            {**meta, "step": step, "metrics": scalars},
+            worker.optimizer,
+            worker.schedule,
+        )
         ray.train.report(
             scalars,
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -155,83 +284,58 @@ def _report(model, optimizer, schedule, step: int, scalars: dict, meta: dict, va
         )
 
 
+def train_step(worker: Worker, generator: torch.Generator, seq_len: int) -> torch.Tensor:
+    cfg = worker.cfg
+    windows = sample_windows(
+        worker.train.lengths,
+        worker.train.offsets,
+        max(1, cfg.batch_size // worker.world),
+        seq_len,
+        cfg.rewind_prob if cfg.rewind else 0.0,
+        generator,
+    )
+    visual, language, target = window_inputs(
+        worker.train, windows, worker.task_language, cfg.mismatch_prob, generator
+    )
+    with worker.autocast():
+        loss = F.mse_loss(worker.model(visual, language).float(), target)
+    worker.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(worker.model.parameters(), cfg.grad_clip)
+    worker.optimizer.step()
+    worker.schedule.step()
+    return loss.detach()
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     setup_logging(config.get("log_level", "INFO"))
     cfg: TrainConfig = config["train"]
-    model_cfg: ModelConfig = config["model"]
-    total_steps, val_every = config["total_steps"], config["val_every"]
-    rank = ray.train.get_context().get_world_rank()
-    world = ray.train.get_context().get_world_size()
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    device = ray.train.torch.get_device()
-    train = DeviceEpisodes.from_batch(load_shard("train"), device, cfg.blind)
-    val_batch = load_shard("val")
-    expert = np.array([s is not False for s in val_batch.success])  # targets assume success
-    val = DeviceEpisodes.from_batch(select_episodes(val_batch, expert), device, cfg.blind)
-
-    raw_model = RewardTransformer(model_cfg, train.visual.shape[1], train.language.shape[1])
-    raw_model.set_input_stats(*global_input_stats(train))
-    raw_model.to(device)
-    model = ray.train.torch.prepare_model(raw_model, move_to_device=False)
-    optimizer, schedule = _optimizer_and_schedule(model, cfg, total_steps)
-    start = _resume(raw_model, optimizer, schedule)
-
-    seq_len, per_worker = model_cfg.max_seq_len, max(1, cfg.batch_size // world)
-    rewind_prob = cfg.rewind_prob if cfg.rewind else 0.0
-    use_bf16 = device.type == "cuda"
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
-    val_gen = torch.Generator(device=device).manual_seed(cfg.seed + 10_000)
-    val_windows = sample_windows(
-        val.lengths, val.offsets, cfg.val_windows, seq_len, rewind_prob, val_gen
-    )
-    generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank + 7919 * start)
+    worker = build_worker(config)
+    start = _resume(worker.raw_model, worker.optimizer, worker.schedule)
+    total_steps, val_every = config["total_steps"], config["val_every"]
+    seq_len = config["model"].max_seq_len
     meta = {"train": to_dict(cfg), **config["meta"]}
-    if start == 0 and rank == 0:  # the untrained model's scores: the baseline to beat
-        meta["val_at_start"] = validate(raw_model, val, val_windows, autocast)
+    if start == 0 and worker.rank == 0:  # the untrained model's scores: the baseline to beat
+        meta["val_at_start"] = worker.validate()
+    trackers = Trackers(cfg.loggers if worker.rank == 0 else [], config["run_dir"], meta)
+    generator = torch.Generator(device=worker.device)
+    generator.manual_seed(cfg.seed * 1000 + worker.rank + 7919 * start)
     losses, tick = [], time.perf_counter()
     for step in range(start + 1, total_steps + 1):
-        windows = sample_windows(
-            train.lengths, train.offsets, per_worker, seq_len, rewind_prob, generator
-        )
-        visual, language = window_inputs(train, windows)
-        with autocast():
-            loss = F.mse_loss(model(visual, language).float(), windows.target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.detach())
+        _crash_drill(cfg, step, worker.rank, config["run_dir"])
+        losses.append(train_step(worker, generator, seq_len))
         if step % val_every == 0 or step == total_steps:
             seconds = time.perf_counter() - tick
             scalars = {
                 "step": step,
                 "train_loss": torch.stack(losses).mean().item(),
-                "lr": schedule.get_last_lr()[0],
-                "windows_per_s": len(losses) * per_worker * world / max(seconds, 1e-9),
+                "lr": worker.schedule.get_last_lr()[0],
+                "windows_per_s": len(losses) * cfg.batch_size / max(seconds, 1e-9),
             }
-            _report(
-                raw_model,
-                optimizer,
-                schedule,
-                step,
-                scalars,
-                meta,
-                lambda: validate(raw_model, val, val_windows, autocast),
-            )
+            _report(worker, step, scalars, meta, trackers)
             losses, tick = [], time.perf_counter()
+    trackers.close()
     if start >= total_steps:
         logger.info("nothing to do: the run already reached step %d", total_steps)
-
-
-def steps_for(cfg: TrainConfig, train_frames: int) -> tuple[int, int]:
-    """(total steps, steps between validations). An epoch = as many windows as frames."""
-    steps_per_epoch = max(1, math.ceil(train_frames / cfg.batch_size))
-    total = cfg.steps if cfg.steps > 0 else cfg.epochs * steps_per_epoch
-    val_every = cfg.val_every if cfg.val_every > 0 else 10 * steps_per_epoch
-    return total, max(1, min(val_every, total))

@@ -27,7 +27,12 @@ class RewardTransformer(nn.Module):
         d = cfg.d_model
         self.visual_proj = nn.Linear(visual_dim, d)
         self.language_proj = nn.Linear(language_dim, d) if language_dim > 0 else None
-        self.first_frame = nn.Parameter(torch.randn(d) * 0.02)
+        if cfg.positional == "first":  # seed: order comes from the causal mask alone
+            self.first_frame = nn.Parameter(torch.randn(d) * 0.02)
+        elif cfg.positional == "all":
+            self.positions = nn.Parameter(torch.randn(cfg.max_seq_len, d) * 0.02)
+        else:
+            raise ValueError(f"model.positional must be 'first' or 'all', got {cfg.positional!r}")
         layer = nn.TransformerEncoderLayer(
             d, cfg.num_heads, cfg.ffn_dim, cfg.dropout, batch_first=True
         )
@@ -58,7 +63,10 @@ class RewardTransformer(nn.Module):
     def forward(self, visual: torch.Tensor, language: torch.Tensor | None = None) -> torch.Tensor:
         """visual [B, L, D], language [B, D_lang] -> progress in (0, 1) per frame, [B, L]."""
         x = self.visual_proj((visual - self.visual_mean) / self.visual_std)
-        x = torch.cat([x[:, :1] + self.first_frame, x[:, 1:]], dim=1)
+        if self.cfg.positional == "first":
+            x = torch.cat([x[:, :1] + self.first_frame, x[:, 1:]], dim=1)
+        else:
+            x = x + self.positions[: x.shape[1]]
         if self.language_proj is not None:
             lang = (language - self.language_mean) / self.language_std
             x = torch.cat([self.language_proj(lang).unsqueeze(1), x], dim=1)

@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
-from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from rayrm.config import Config
+from rayrm.config import Config, TrainConfig
 from rayrm.data import schema
 from rayrm.data.shards import (
     ShardError,
@@ -34,7 +37,8 @@ from rayrm.data.shards import (
     split_episodes,
 )
 from rayrm.runtime import quiet_datasets
-from rayrm.train.loop import steps_for, train_loop_per_worker
+from rayrm.train.loop import train_loop_per_worker
+from rayrm.train.tracking import check_trackers
 
 logger = logging.getLogger(__name__)
 
@@ -46,15 +50,21 @@ class EpisodeSplit:
     train: list[str]
     val: list[str]
     train_frames: int
+    frames: dict[str, int]
 
 
 def make_split(cfg: Config, index: pa.Table) -> EpisodeSplit:
     ids = index.column("episode_id").to_pylist()
     success = index.column("success").to_pylist()
     frames = dict(zip(ids, index.column("num_frames").to_pylist()))
-    held_out = split_episodes(ids, success, cfg.train.val_ratio, cfg.train.seed)
+    short = [e for e in ids if frames[e] < schema.MIN_EPISODE_FRAMES]
+    if short:
+        logger.warning("skipping %d episode(s) shorter than 4 frames: %s", len(short), short[:5])
+    if len(short) == len(ids):
+        raise ShardError(f"no episode has the {schema.MIN_EPISODE_FRAMES} frames a window needs")
+    held_out = split_episodes(ids, success, cfg.train.val_ratio, cfg.train.seed) - set(short)
     usable = [s is not False or not cfg.train.only_successful for s in success]
-    train = [e for e, ok in zip(ids, usable) if ok and e not in held_out]
+    train = [e for e, ok in zip(ids, usable) if ok and e not in held_out and e not in short]
     val = sorted(held_out)
     if not train:
         raise ShardError("no training episodes (all held out, or none successful)")
@@ -63,7 +73,51 @@ def make_split(cfg: Config, index: pa.Table) -> EpisodeSplit:
             f"the validation split ({len(val)} episodes, val_ratio={cfg.train.val_ratio}) "
             "holds no successful episode; raise train.val_ratio or add episodes"
         )
-    return EpisodeSplit(train, val, sum(frames[e] for e in train))
+    return EpisodeSplit(train, val, sum(frames[e] for e in train), frames)
+
+
+def assign_episodes(ids: list[str], frames: dict[str, int], world: int) -> list[list[str]]:
+    """Whole episodes to ranks, longest first to the least-loaded rank: deterministic and
+    balanced by frames, so every rank's windows come from a similar amount of data."""
+    ranks: list[list[str]] = [[] for _ in range(world)]
+    loads = [0] * world
+    for episode in sorted(ids, key=lambda e: (-frames[e], e)):
+        r = loads.index(min(loads))
+        ranks[r].append(episode)
+        loads[r] += frames[episode]
+    return [sorted(r) for r in ranks]
+
+
+def task_table(path: str) -> tuple[list[str], np.ndarray]:
+    """Distinct prompts and their language embeddings (one small vector per episode)."""
+    table = pq.read_table(shard_dir(path), columns=["prompt", "language_embedding"])
+    prompts = table.column("prompt").to_pylist()
+    vectors = table.column("language_embedding").to_pylist()
+    first = {}
+    for prompt, vector in zip(prompts, vectors):
+        first.setdefault(prompt, vector)
+    tasks = sorted(first)
+    return tasks, np.array([first[t] for t in tasks], dtype=np.float32).reshape(len(tasks), -1)
+
+
+def _check_dims(path: str, manifest: dict) -> None:
+    """Every episode's visual_embedding must be num_frames x the manifest's visual_dim."""
+
+    def dims(batch: pa.Table) -> pa.Table:
+        sizes = pc.list_value_length(batch.column("visual_embedding"))
+        dim = pc.divide(
+            pc.cast(sizes, pa.float64()), pc.cast(batch.column("num_frames"), pa.float64())
+        )
+        return pa.table({"episode_id": batch.column("episode_id"), "dim": dim})
+
+    with quiet_datasets():
+        rows = episode_dataset(path).map_batches(dims, batch_format="pyarrow").take_all()
+    wrong = [r["episode_id"] for r in rows if r["dim"] != manifest["visual_dim"]]
+    if wrong:
+        raise ShardError(
+            f"{path}: {len(wrong)} episode(s) whose visual_embedding is not num_frames x "
+            f"{manifest['visual_dim']} (the manifest's visual_dim), e.g. {wrong[:3]}"
+        )
 
 
 def _check_resources(cfg: Config, num_train_episodes: int) -> None:
@@ -94,16 +148,28 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
-def run_train(cfg: Config) -> TrainResult:
+def _check_inputs(cfg: Config) -> tuple[dict, EpisodeSplit, list[str], np.ndarray]:
+    """Everything that can be wrong with the inputs, checked before any worker starts."""
     tcfg = cfg.train
     manifest = read_manifest(tcfg.embeddings)
-    index = read_episode_index(tcfg.embeddings)
     check_columns(
         pq.read_schema(_first_shard(tcfg.embeddings)), schema.TRAIN_COLUMNS, tcfg.embeddings
     )
-    split = make_split(cfg, index)
+    split = make_split(cfg, read_episode_index(tcfg.embeddings))
+    tasks, task_language = task_table(tcfg.embeddings)
+    if tcfg.mismatch_prob > 0 and len(tasks) < 2:
+        raise ValueError("train.mismatch_prob > 0 needs episodes of at least 2 distinct prompts")
+    check_trackers(tcfg.loggers)
     _check_resources(cfg, len(split.train))
+    _check_dims(tcfg.embeddings, manifest)  # last: the only check that reads embeddings
+    return manifest, split, tasks, task_language
+
+
+def run_train(cfg: Config) -> TrainResult:
+    tcfg = cfg.train
+    manifest, split, tasks, task_language = _check_inputs(cfg)
     total_steps, val_every = steps_for(tcfg, split.train_frames)
+    run_dir = os.path.join(os.path.abspath(tcfg.output), tcfg.run_name)
     logger.info(
         "training on %d episodes (%d frames), validating on %d; %d steps, batch %d, %d worker(s)",
         len(split.train),
@@ -119,6 +185,7 @@ def run_train(cfg: Config) -> TrainResult:
         "split": {"val_ratio": tcfg.val_ratio, "seed": tcfg.seed, "val_episodes": split.val},
     }
     with quiet_datasets():
+        # Not split by Ray: each rank keeps the episodes assigned to it (deterministic).
         datasets = {
             "train": episode_dataset(tcfg.embeddings, split.train),
             "val": episode_dataset(tcfg.embeddings, split.val),
@@ -131,6 +198,10 @@ def run_train(cfg: Config) -> TrainResult:
             "total_steps": total_steps,
             "val_every": val_every,
             "log_level": cfg.log_level,
+            "rank_episodes": assign_episodes(split.train, split.frames, tcfg.num_workers),
+            "tasks": tasks,
+            "task_language": task_language,
+            "run_dir": run_dir,
             "meta": meta,
         },
         scaling_config=ScalingConfig(
@@ -149,12 +220,13 @@ def run_train(cfg: Config) -> TrainResult:
                 checkpoint_score_attribute="val_loss",
                 checkpoint_score_order="min",
             ),
+            failure_config=FailureConfig(max_failures=tcfg.max_failures),
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=[]),
     )
     result = trainer.fit()
-    return _write_result(os.path.join(os.path.abspath(tcfg.output), tcfg.run_name), result)
+    return _write_result(run_dir, result)
 
 
 def _first_shard(path: str) -> str:
@@ -187,3 +259,11 @@ def find_checkpoint(train_output: str, run_name: str) -> str:
         raise FileNotFoundError(f"no finished training run at {os.path.dirname(path)}")
     with open(path) as f:
         return json.load(f)["best_checkpoint"]
+
+
+def steps_for(cfg: TrainConfig, train_frames: int) -> tuple[int, int]:
+    """(total steps, steps between validations). An epoch = as many windows as frames."""
+    steps_per_epoch = max(1, math.ceil(train_frames / cfg.batch_size))
+    total = cfg.steps if cfg.steps > 0 else cfg.epochs * steps_per_epoch
+    val_every = cfg.val_every if cfg.val_every > 0 else 10 * steps_per_epoch
+    return total, max(1, min(val_every, total))

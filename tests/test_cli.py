@@ -1,0 +1,96 @@
+"""The command line (rayrm.cli): config file plus overrides, one function per command.
+
+``cli.main`` calls ``init_ray``, which joins the Ray that the ``ray_session`` fixture started.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import h5py
+import pyarrow.parquet as pq
+import pytest
+
+from rayrm.cli import main
+from rayrm.data import schema
+
+CONFIG = """\
+workdir: {workdir}
+synth:
+  num_episodes: 12
+  image_size: 48
+  min_stage_frames: 3
+  max_stage_frames: 5
+  seed: 2
+backbone:
+  name: tiny
+  visual_dim: 12
+  language_dim: 6
+embed:
+  batch_size: 16
+  frames_per_block: 8
+"""
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    path = tmp_path / "small.yaml"
+    path.write_text(CONFIG.format(workdir=tmp_path / "from_yaml"))
+    return str(path)
+
+
+def test_synth_then_embed(ray_session, tmp_path, config_file):
+    workdir = tmp_path / "work"  # the override wins over the YAML's workdir
+    common = ["--config", config_file, "--workdir", str(workdir)]
+    assert main(["synth", *common, "--synth.num_episodes", "6", "--synth.image_size=32"]) == 0
+    raw = workdir / "raw" / "episodes.h5"
+    with h5py.File(raw, "r") as f:
+        assert len(f) == 6
+        assert {f[name]["side_cam"].shape[1:] for name in f} == {(32, 32, 3)}
+
+    assert main(["embed", *common]) == 0
+    output = workdir / "embeddings"
+    with open(output / schema.MANIFEST_NAME) as f:
+        manifest = json.load(f)
+    assert manifest["num_episodes"] == 6
+    assert (manifest["visual_dim"], manifest["language_dim"]) == (12, 6)  # from the YAML
+    assert manifest["input_files"] == [str(raw)]
+    table = pq.read_table(output / schema.SHARDS_DIR)
+    assert table.num_rows == 6
+    assert not (tmp_path / "from_yaml").exists()
+
+    # A second run refuses to replace the output unless told to.
+    shards = sorted(os.listdir(output / schema.SHARDS_DIR))
+    assert main(["embed", *common]) == 2
+    assert sorted(os.listdir(output / schema.SHARDS_DIR)) == shards
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        (["--embed.bogus", "3"], "embed.bogus"),
+        (["--nosuch.key", "3"], "nosuch"),
+        (["--synth.num_episodes", "many"], "synth.num_episodes"),
+        (["--embed.overwrite", "maybe"], "embed.overwrite"),
+        (["--embed.batch_size", "[1, 2"], "embed.batch_size"),  # not valid YAML
+        (["--synth.seed"], "--synth.seed"),  # no value
+    ],
+)
+def test_bad_override_exits_2_naming_it(tmp_path, config_file, caplog, override, named):
+    with caplog.at_level(logging.ERROR, logger="rayrm"):
+        assert main(["synth", "--config", config_file, *override]) == 2
+    assert named in caplog.text
+    assert not (tmp_path / "from_yaml").exists()  # nothing ran
+
+
+def test_bad_config_file_exits_2(tmp_path, caplog):
+    missing = tmp_path / "missing.yaml"
+    bad_key = tmp_path / "bad_key.yaml"
+    bad_key.write_text("embed:\n  batchsize: 3\n")
+    with caplog.at_level(logging.ERROR, logger="rayrm"):
+        assert main(["synth", "--config", str(missing)]) == 2
+        assert main(["synth", "--config", str(bad_key)]) == 2
+    assert str(missing) in caplog.text
+    assert "embed.batchsize" in caplog.text and str(bad_key) in caplog.text

@@ -1,0 +1,340 @@
+"""The Ray Data embedding stage (rayrm.embed): HDF5 episodes in, Parquet episode shards out.
+
+Checks the written rows against the raw HDF5 file and a direct backbone call, the layout in
+``rayrm.data.schema``, and that the output folder only ever appears complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import h5py
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from _failing_backbone import NAME as FAILING_BACKBONE
+from _failing_backbone import importable_everywhere
+from conftest import make_config
+from ray.data.block import BlockAccessor
+
+import rayrm.embed
+from rayrm.backbones import Backbone, build_backbone, register_backbone
+from rayrm.backbones import base as backbones_base
+from rayrm.config import BackboneConfig
+from rayrm.data import schema
+from rayrm.data.hdf5 import HDF5EpisodeDatasource, scan_episodes
+from rayrm.embed import FrameEmbedder, run_embed
+
+
+def read_rows(output: str) -> dict[str, dict]:
+    table = pq.read_table(os.path.join(output, schema.SHARDS_DIR))
+    rows = table.to_pylist()
+    return {row["episode_id"]: row for row in rows}
+
+
+def read_manifest(output: str) -> dict:
+    with open(os.path.join(output, schema.MANIFEST_NAME)) as f:
+        return json.load(f)
+
+
+def hdf5_episodes(path: str, camera: str = "side_cam") -> dict[str, dict]:
+    with h5py.File(path, "r") as f:
+        return {
+            name: {
+                "frames": group[camera][()],
+                "prompt": group.attrs.get("prompt", f.attrs.get("prompt")),
+                "success": bool(group.attrs["success"]),
+                "stage_boundaries": [int(b) for b in group.attrs["stage_boundaries"]],
+            }
+            for name, group in f.items()
+        }
+
+
+def leftovers(folder) -> list[str]:
+    """Hidden work folders of an embedding run (``.<output>.partial-*`` / ``.old-*``)."""
+    return [n for n in os.listdir(folder) if ".partial-" in n or ".old-" in n]
+
+
+def with_embed(cfg, **changes):
+    return dataclasses.replace(cfg, embed=dataclasses.replace(cfg.embed, **changes))
+
+
+def assert_same_rows(actual: dict[str, dict], expected: dict[str, dict], skip=()) -> None:
+    assert sorted(actual) == sorted(expected)
+    for episode_id, row in actual.items():
+        for column in schema.EPISODE_SCHEMA.names:
+            if column in skip:
+                continue
+            if column == "visual_embedding":
+                np.testing.assert_allclose(
+                    row[column], expected[episode_id][column], atol=1e-5, err_msg=episode_id
+                )
+            else:
+                assert row[column] == expected[episode_id][column], (episode_id, column)
+
+
+# --------------------------------------------------------------------------- one run, read back
+
+
+def test_one_row_per_episode_with_frames_and_progress(tiny_run):
+    rows = read_rows(tiny_run.embed.output)
+    raw = hdf5_episodes(tiny_run.embed.input)
+    assert sorted(rows) == sorted(raw)  # ids are the HDF5 group names, each exactly once
+    for episode_id, row in rows.items():
+        T = raw[episode_id]["frames"].shape[0]
+        assert row["num_frames"] == T
+        assert row["source_file"] == os.path.abspath(tiny_run.embed.input)
+        np.testing.assert_allclose(row["progress"], (np.arange(T) + 1) / T, rtol=1e-6)
+        assert len(row["visual_embedding"]) == T * tiny_run.backbone.visual_dim
+
+
+def test_shard_schema_and_manifest(tiny_run):
+    output = tiny_run.embed.output
+    shard_files = sorted(os.listdir(os.path.join(output, schema.SHARDS_DIR)))
+    assert shard_files and all(n.endswith(".parquet") for n in shard_files)
+    for name in shard_files:
+        written = pq.read_schema(os.path.join(output, schema.SHARDS_DIR, name))
+        assert written.equals(schema.EPISODE_SCHEMA, check_metadata=False), written
+
+    raw = hdf5_episodes(tiny_run.embed.input)
+    manifest = read_manifest(output)
+    assert manifest["num_episodes"] == len(raw) == tiny_run.synth.num_episodes
+    assert manifest["num_frames"] == sum(e["frames"].shape[0] for e in raw.values())
+    assert manifest["visual_dim"] == tiny_run.backbone.visual_dim
+    assert manifest["language_dim"] == tiny_run.backbone.language_dim
+    assert manifest["shards"] == shard_files
+    assert manifest["input_files"] == [os.path.abspath(tiny_run.embed.input)]
+    assert manifest["backbone"] == dataclasses.asdict(tiny_run.backbone)
+    assert manifest["camera"] == "side_cam"
+
+
+def test_embeddings_equal_a_direct_backbone_call(tiny_run):
+    backbone = build_backbone(tiny_run.backbone)
+    D = backbone.visual_dim
+    rows = read_rows(tiny_run.embed.output)
+    for episode_id, episode in hdf5_episodes(tiny_run.embed.input).items():
+        row = rows[episode_id]
+        frames = episode["frames"]
+        prompts = [episode["prompt"]] * len(frames)
+        expected = backbone.embed_frames(frames, prompts)
+        stored = np.asarray(row["visual_embedding"], np.float32).reshape(len(frames), D)
+        np.testing.assert_allclose(stored, expected, atol=1e-5, err_msg=episode_id)
+        language = backbone.embed_prompts([episode["prompt"]])[0]
+        np.testing.assert_allclose(row["language_embedding"], language, atol=1e-6)
+        assert row["prompt"] == episode["prompt"]
+        assert row["success"] is episode["success"]
+        assert row["stage_boundaries"] == episode["stage_boundaries"]
+    # Both outcomes are present, so "success copied" is not trivially true.
+    assert {row["success"] for row in rows.values()} == {True, False}
+
+
+@pytest.mark.parametrize("parallelism", [1, 3, 100])
+def test_read_tasks_cover_each_frame_exactly_once(tiny_run, parallelism):
+    episodes, problems = scan_episodes([tiny_run.embed.input], "side_cam")
+    assert not problems
+    source = HDF5EpisodeDatasource(episodes, "side_cam", frames_per_block=5)
+    tasks = source.get_read_tasks(parallelism)
+    assert len(tasks) == min(parallelism, len(episodes))
+    raw = hdf5_episodes(tiny_run.embed.input)
+    seen = []
+    for task in tasks:
+        rows_in_task = 0
+        for block in task():
+            batch = BlockAccessor.for_block(block).to_batch_format("numpy")
+            ids, index, frames = batch["episode_id"], batch["frame_index"], batch["frame"]
+            assert len(ids) <= 5  # blocks are frame chunks, never whole episodes
+            for episode_id, t, frame in zip(ids, index, frames):
+                np.testing.assert_array_equal(frame, raw[episode_id]["frames"][t])
+            seen.extend(zip(ids.tolist(), index.tolist()))
+            rows_in_task += len(ids)
+        assert rows_in_task == task.metadata.num_rows
+    expected = [(e, t) for e, ep in raw.items() for t in range(len(ep["frames"]))]
+    assert sorted(seen) == sorted(expected)  # no frame missing, none repeated
+
+
+def test_frame_embedder_mixed_sizes_and_wrong_dims(monkeypatch):
+    cfg = BackboneConfig(name="tiny", visual_dim=16, language_dim=8, seed=1)
+    rng = np.random.default_rng(0)
+    small, large = (
+        rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8) for n, s in ((2, 8), (3, 20))
+    )
+    mixed = np.empty(5, dtype=object)  # how Ray Data hands over frames of different sizes
+    mixed[:] = [small[0], large[0], small[1], large[1], large[2]]
+    batch = {"episode_id": np.arange(5), "frame_index": np.arange(5), "prompt": np.full(5, "p")}
+    out = FrameEmbedder(cfg)({**batch, "frame": mixed})["visual_embedding"]
+    backbone = build_backbone(cfg)
+    np.testing.assert_allclose(out[[0, 2]], backbone.embed_frames(small, ["p"] * 2), atol=1e-5)
+    np.testing.assert_allclose(out[[1, 3, 4]], backbone.embed_frames(large, ["p"] * 3), atol=1e-5)
+
+    monkeypatch.setattr(backbones_base, "_REGISTRY", dict(backbones_base._REGISTRY))
+
+    @register_backbone("test-wrong-dim")
+    class WrongDim(Backbone):
+        visual_dim, language_dim = 4, 0
+
+        def embed_frames(self, frames, prompts):
+            return np.zeros((len(frames), 5), np.float32)
+
+    embedder = FrameEmbedder(BackboneConfig(name="test-wrong-dim"))
+    with pytest.raises(RuntimeError, match=r"returned \(2, 5\), expected \(2, 4\)"):
+        embedder({**batch, "frame": small})
+
+
+# --------------------------------------------------------------------------- more runs
+
+
+def test_two_input_files_and_prompt_override(tiny_run, tmp_path):
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    with h5py.File(tiny_run.embed.input, "r") as src:
+        names = sorted(src)
+        halves = {"a.h5": names[::2], "b.hdf5": names[1::2]}
+        for file_name, part in halves.items():
+            with h5py.File(folder / file_name, "w") as dst:
+                for name in part:
+                    src.copy(src[name], dst, name=name)
+    prompt = "Stack the red block on the blue one."
+    cfg = with_embed(
+        tiny_run, input=str(folder), output=str(tmp_path / "emb"), prompt=prompt, num_actors=1
+    )
+    result = run_embed(cfg)
+
+    rows = read_rows(cfg.embed.output)
+    assert result.num_episodes == len(names) and sorted(rows) == names
+    for file_name, part in halves.items():
+        for name in part:
+            assert rows[name]["source_file"] == str(folder / file_name)
+    language = build_backbone(cfg.backbone).embed_prompts([prompt])[0]
+    for row in rows.values():
+        assert row["prompt"] == prompt
+        np.testing.assert_allclose(row["language_embedding"], language, atol=1e-6)
+    # Frames are the same as in the one-file run, so everything but these columns is too.
+    skip = {"source_file", "prompt", "language_embedding"}
+    assert_same_rows(rows, read_rows(tiny_run.embed.output), skip=skip)
+    assert read_manifest(cfg.embed.output)["input_files"] == sorted(str(folder / n) for n in halves)
+    assert leftovers(tmp_path) == []
+
+
+def test_two_actors_and_odd_batches_give_the_same_output(tiny_run, tmp_path):
+    # Blocks of 3 frames and batches of 5 spread every episode over several batches (and
+    # actors), so the episode rows must be reassembled from pieces in any order.
+    cfg = with_embed(
+        tiny_run, output=str(tmp_path / "emb"), num_actors=2, batch_size=5, frames_per_block=3
+    )
+    run_embed(cfg)
+    assert_same_rows(read_rows(cfg.embed.output), read_rows(tiny_run.embed.output))
+    assert leftovers(tmp_path) == []
+
+
+def test_episodes_of_different_image_sizes(ray_session, tmp_path):
+    # Batches then mix frames of two sizes; Ray Data hands them over as an object array.
+    rng = np.random.default_rng(0)
+    path = tmp_path / "mixed.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["prompt"] = "pick"
+        for i, size in enumerate([16, 24, 16, 40]):
+            f.create_group(f"ep{i}").create_dataset(
+                "side_cam", data=rng.integers(0, 256, (6 + i, size, size, 3), dtype=np.uint8)
+            )
+    cfg = make_config(tmp_path, embed=dict(input=str(path), batch_size=64, frames_per_block=4))
+    run_embed(cfg)
+    rows = read_rows(cfg.embed.output)
+    backbone = build_backbone(cfg.backbone)
+    with h5py.File(path, "r") as f:
+        for name in f:
+            frames = f[name]["side_cam"][()]
+            expected = backbone.embed_frames(frames, ["pick"] * len(frames))
+            stored = np.reshape(rows[name]["visual_embedding"], expected.shape)
+            np.testing.assert_allclose(stored, expected, atol=1e-5, err_msg=name)
+            assert rows[name]["success"] is None and rows[name]["stage_boundaries"] == []
+
+
+# --------------------------------------------------------------------------- output folder
+
+
+def test_existing_output_needs_overwrite(tiny_run, tmp_path):
+    output = tmp_path / "emb"
+    output.mkdir()
+    (output / "keep.txt").write_text("old")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        run_embed(with_embed(tiny_run, output=str(output)))
+    assert os.listdir(output) == ["keep.txt"] and (output / "keep.txt").read_text() == "old"
+    assert leftovers(tmp_path) == []
+
+
+def test_overwrite_replaces_the_old_output(tiny_run, tmp_path):
+    output = tmp_path / "emb"
+    output.mkdir()
+    (output / "stale.txt").write_text("old")
+    run_embed(with_embed(tiny_run, output=str(output), overwrite=True))
+    assert sorted(os.listdir(output)) == [schema.MANIFEST_NAME, schema.SHARDS_DIR]
+    assert_same_rows(read_rows(str(output)), read_rows(tiny_run.embed.output))
+    assert leftovers(tmp_path) == []
+
+
+def test_backbone_failure_in_the_actors_leaves_no_output(tiny_run, tmp_path, monkeypatch):
+    importable_everywhere(monkeypatch)
+    cfg = with_embed(tiny_run, output=str(tmp_path / "emb"))
+    backbone = dataclasses.replace(cfg.backbone, name=FAILING_BACKBONE, options={"fail": "raise"})
+    with pytest.raises(Exception, match="failed on purpose"):
+        run_embed(dataclasses.replace(cfg, backbone=backbone))
+    assert os.listdir(tmp_path) == []  # no output, no partial folder
+
+
+def test_failure_while_writing_shards_leaves_no_output(tiny_run, tmp_path, monkeypatch):
+    # One poisoned episode fails in the assemble step while the others are being written
+    # (several hash partitions, so several write tasks): the partial folder has shards in it.
+    importable_everywhere(monkeypatch)
+    path = tmp_path / "raw.h5"
+    with h5py.File(tiny_run.embed.input, "r") as src, h5py.File(path, "w") as dst:
+        for name in src:
+            src.copy(src[name], dst, name=name)
+        dst["episode_0005"].attrs["prompt"] = "poison the cube"
+    out = tmp_path / "out"
+    cfg = with_embed(tiny_run, input=str(path), output=str(out / "emb"), episodes_per_shard=2)
+    backbone = dataclasses.replace(cfg.backbone, name=FAILING_BACKBONE, options={"fail": "nan"})
+    with pytest.raises(Exception, match="episode_0005") as err:
+        run_embed(dataclasses.replace(cfg, backbone=backbone))
+    assert "non-finite" in str(err.value)
+    assert os.listdir(out) == []
+
+
+def test_failure_after_writing_keeps_the_old_output(tiny_run, tmp_path, monkeypatch):
+    output = tmp_path / "emb"
+    output.mkdir()
+    (output / "keep.txt").write_text("old")
+    written = {}
+
+    def broken_manifest(path, *args, **kwargs):
+        written["shards"] = os.listdir(os.path.join(path, schema.SHARDS_DIR))
+        raise OSError("disk full")
+
+    monkeypatch.setattr(rayrm.embed, "_write_manifest", broken_manifest)
+    with pytest.raises(OSError, match="disk full"):
+        run_embed(with_embed(tiny_run, output=str(output), overwrite=True))
+    assert written["shards"]  # the partial folder did hold shards when it failed
+    assert os.listdir(output) == ["keep.txt"]
+    assert leftovers(tmp_path) == []
+
+
+def test_replacing_the_output_is_undone_when_the_final_rename_fails(tmp_path, monkeypatch):
+    # run_embed's last step: old output aside, finished folder in, old one deleted. If the
+    # rename of the finished folder fails, the old output must be back in place.
+    output, partial = tmp_path / "emb", tmp_path / ".emb.partial-x"
+    output.mkdir()
+    (output / "keep.txt").write_text("old")
+    partial.mkdir()
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(src) == str(partial):
+            raise OSError("rename failed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(rayrm.embed.os, "replace", replace)
+    with pytest.raises(OSError, match="rename failed"):
+        rayrm.embed._publish(str(partial), str(output))
+    assert os.listdir(output) == ["keep.txt"]
+    assert sorted(os.listdir(tmp_path)) == [".emb.partial-x", "emb"]  # nothing else left
