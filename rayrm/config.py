@@ -1,8 +1,8 @@
 """One config tree for every rayrm command.
 
 A run is described by :class:`Config`: one dataclass per stage (synth, backbone, embed,
-model, train, evaluate, ray). YAML files in ``configs/`` set any subset of the fields, and
-command-line overrides set single fields by dotted path::
+annotate, model, train, evaluate, ray). YAML files in ``configs/`` set any subset of the
+fields, and command-line overrides set single fields by dotted path::
 
     rayrm train --config configs/demo.yaml --train.lr 3e-4 --model.num_layers=2
 
@@ -108,18 +108,23 @@ class BackboneConfig:
 class EmbedConfig:
     """Ray Data embedding: HDF5 episodes in, Parquet episode shards out (``rayrm.embed``)."""
 
-    input: str | None = None  # HDF5 file, folder of .h5/.hdf5 files, or glob
+    input: str | None = None  # HDF5 file, folder of .h5/.hdf5 files, or glob; path or URL
     output: str | None = None  # folder; default <workdir>/embeddings
     camera: str = "side_cam"
     prompt: str | None = None  # overrides per-episode / per-file prompt attributes
     batch_size: int = 64  # frames per backbone call
     frames_per_block: int = 64  # frames per Ray Data block read from HDF5
-    num_actors: int = 1  # embedding actor pool size (one per GPU on a cluster)
+    num_actors: int = 1  # embedding actor pool size; 0 = one per GPU in the cluster
+    max_actors: int = 0  # > num_actors: the pool autoscales between the two
     num_gpus_per_actor: float = 0.0
     # GPU actors reserve no CPU: Ray Data hangs when actors hold every CPU (ray#44687).
     num_cpus_per_actor: float = 0.0
-    episodes_per_shard: int = 64  # episodes per Parquet file (approximate)
-    overwrite: bool = False
+    episodes_per_shard: int = 64  # episodes per Parquet file, each committed for resume
+    overwrite: bool = False  # replace a finished output (an unfinished one always resumes)
+    max_failed_episodes: int = 0  # bad episodes tolerated before exiting non-zero; -1 = any
+    max_actor_restarts: int = 4  # per actor, and retries per batch; -1 = unlimited
+    torch_threads: int = 0  # intra-op threads per actor; 0 = what Ray sets (its CPU share)
+    progress_every_s: float = 30.0  # seconds between progress log lines
 
 
 @dataclass
@@ -136,6 +141,7 @@ class ModelConfig:
     # "first": a learned vector on the first video token only (seed); "all": a learned
     # position embedding for every video position.
     positional: str = "first"
+    num_stages: int = 0  # 0: continuous ReWIND progress; K > 0: SARM stage + subtask heads
 
 
 @dataclass
@@ -160,6 +166,10 @@ class TrainConfig:
     # ReWiND's mismatched-instruction negatives: with this probability a window gets another
     # task's instruction and a target of 0 everywhere (needs >= 2 distinct prompts).
     mismatch_prob: float = 0.0
+    # SARM: share of windows whose subtask head is conditioned on the ground-truth stage
+    # (the predicted stage conditions the rest, as at inference).
+    gt_stage_prob: float = 0.75
+    stage_prior: str = "episode"  # episode: mean per-episode stage share (SARM); frame: seed
     rewind: bool = True
     rewind_prob: float = 0.8
     val_ratio: float = 0.2  # held-out episodes, by episode
@@ -175,6 +185,27 @@ class TrainConfig:
 
 
 @dataclass
+class AnnotateConfig:
+    """Stage labels on embedding shards, and videos to read them off (``rayrm.annotate``)."""
+
+    stages: str | None = None  # stage JSON; default stages.json beside synth.output
+    embeddings: str | None = None  # shards labelled in place; default <workdir>/embeddings
+    num_stages: int = 0  # K; 0 = from the JSON (its stage names, else its boundary counts)
+    stage_names: list[str] = field(default_factory=list)  # names for the seed's JSON form
+    # Episodes the JSON leaves out (failures often can't be fully labelled) are an error,
+    # unless allowed: they then get empty stage / subtask_progress lists.
+    allow_unannotated: bool = False
+    input: str | None = None  # annotate-video: raw HDF5; default embed.input
+    camera: str = "side_cam"
+    video_output: str | None = None  # annotate-video: default <workdir>/annotate
+    episodes: list[str] = field(default_factory=list)  # annotate-video: subset (default all)
+    fps: int = 10
+    min_size: int = 256  # small frames are upscaled (nearest) so numbers stay readable
+    contact_every: int = 5  # contact sheet: every n-th frame
+    contact_columns: int = 8
+
+
+@dataclass
 class EvaluateConfig:
     """Whole-episode reward curves and metrics (``rayrm.evaluate``)."""
 
@@ -184,6 +215,20 @@ class EvaluateConfig:
     split: str = "val"  # val = held-out episodes of the checkpoint's split; or all
     plot_episodes: int = 3  # expert and failure episodes drawn in the plot
     batch_size: int = 256  # prefixes per forward pass
+    # Raw HDF5 episodes (file, folder or glob) embedded on the fly through the checkpoint's
+    # backbone instead of reading shards; with it, split "val" keeps only held-out ids.
+    input: str | None = None
+    camera: str | None = None  # raw input and videos; default the embedding's camera
+    prompt: str | None = None  # raw input: overrides the episodes' prompt attributes
+    blind_checkpoint: str | None = None  # a blind control scored beside the model
+    rewind: bool = True  # also score rewound copies of the expert episodes
+    rewind_turn: float = 0.75  # play forward up to this share of the episode...
+    rewind_back: float = 0.5  # ...then back over this share of the frames played
+    episode_figures: int = 24  # per-episode PNGs (-1 = all)
+    videos: int = 6  # per-episode mp4s, frame beside the growing curve (-1 = all)
+    fps: int = 10
+    report: bool = True  # the self-contained report.html
+    embed_videos_mb: float = 25.0  # embed videos in the report up to this total, else link
 
 
 @dataclass
@@ -200,6 +245,7 @@ class Config:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     log_level: str = "INFO"
@@ -333,6 +379,14 @@ def resolve_paths(cfg: Config) -> Config:
         cfg.evaluate,
         embeddings=cfg.evaluate.embeddings or out.embed.output,
         output=cfg.evaluate.output or f"{work}/eval",
+    )
+    out.annotate = dataclasses.replace(
+        cfg.annotate,
+        # rayrm synth writes the stage JSON of its successful episodes beside the HDF5 file.
+        stages=cfg.annotate.stages or str(Path(out.synth.output).with_name("stages.json")),
+        embeddings=cfg.annotate.embeddings or out.embed.output,
+        input=cfg.annotate.input or out.embed.input,
+        video_output=cfg.annotate.video_output or f"{work}/annotate",
     )
     return out
 

@@ -197,7 +197,8 @@ def test_mismatched_instructions_get_another_task_and_zero_target():
     table = torch.from_numpy(batch.language)  # each episode is its own task here
     g = torch.Generator().manual_seed(0)
     windows = sample_windows(episodes.lengths, episodes.offsets, 2000, 8, 0.0, g)
-    _, language, target = window_inputs(episodes, windows, table, 0.3, g)
+    inputs = window_inputs(episodes, windows, table, 0.3, g)
+    language, target = inputs.language, inputs.progress
     own = table[windows.episode]
     swapped = ~torch.all(language == own, dim=1)
     assert 0.25 < swapped.float().mean() < 0.35

@@ -40,6 +40,18 @@ column                   Arrow type              meaning
 =======================  ======================  ==========================================
 
 ``D`` and ``D_lang`` are stored in the manifest (``visual_dim``, ``language_dim``).
+
+Stage labels (SARM), added by ``rayrm annotate`` to every row (empty lists for episodes the
+stage JSON does not cover); the manifest then also holds ``num_stages`` and ``stage_names``:
+
+=======================  ======================  ==========================================
+column                   Arrow type              meaning
+=======================  ======================  ==========================================
+``stage``                list<int32>             stage index k in 0..K-1 of every frame
+``subtask_progress``     list<float32>           (t - s_k + 1) / (s_{k+1} - s_k)
+=======================  ======================  ==========================================
+
+``stage_boundaries`` then holds the annotated boundaries (first frames of stages 2..K).
 """
 
 from __future__ import annotations
@@ -84,3 +96,9 @@ TRAIN_COLUMNS = [
     "visual_embedding",
     "language_embedding",
 ]
+
+STAGE_FIELDS = [
+    pa.field("stage", pa.list_(pa.int32()), nullable=False),
+    pa.field("subtask_progress", pa.list_(pa.float32()), nullable=False),
+]
+STAGE_COLUMNS = [f.name for f in STAGE_FIELDS]

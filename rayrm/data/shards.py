@@ -46,9 +46,13 @@ def read_episode_index(path: str) -> pa.Table:
     return table.sort_by("episode_id")
 
 
-def episode_dataset(path: str, episode_ids: list[str] | None = None) -> ray.data.Dataset:
-    """Ray Dataset of the shards' rows (training columns only), optionally only some episodes."""
-    dataset = ray.data.read_parquet(shard_dir(path)).select_columns(schema.TRAIN_COLUMNS)
+def episode_dataset(
+    path: str, episode_ids: list[str] | None = None, columns: list[str] | None = None
+) -> ray.data.Dataset:
+    """Ray Dataset of the shards' rows (``columns``, default the training columns),
+    optionally only some episodes."""
+    columns = columns or schema.TRAIN_COLUMNS
+    dataset = ray.data.read_parquet(shard_dir(path)).select_columns(columns)
     if episode_ids is None:
         return dataset
     keep = pa.array(episode_ids, type=pa.string())
@@ -97,6 +101,9 @@ class EpisodeBatch:
     success: list[bool | None]
     stage_boundaries: list[list[int]]
     prompts: list[str]
+    # SARM labels per frame, flat like ``visual``; -1 / NaN where an episode has none.
+    stage: np.ndarray | None = None  # int64 [sum T]
+    subtask: np.ndarray | None = None  # float32 [sum T]
 
     @property
     def lengths(self) -> np.ndarray:
@@ -130,6 +137,9 @@ def episodes_from_table(table: pa.Table, where: str = "shards") -> EpisodeBatch:
         bad = table.column("episode_id")[int(np.argmax(row_sizes != lengths * dim))]
         raise ShardError(f"{where}: episode {bad}: visual_embedding is not num_frames x {dim}")
     language = _flat_values(table.column("language_embedding")).astype(np.float32)
+    stage, subtask = (
+        _stage_labels(table, lengths) if "stage" in table.column_names else (None, None)
+    )
     return EpisodeBatch(
         episode_ids=table.column("episode_id").to_pylist(),
         visual=flat.reshape(n_frames, dim),
@@ -138,7 +148,20 @@ def episodes_from_table(table: pa.Table, where: str = "shards") -> EpisodeBatch:
         success=table.column("success").to_pylist(),
         stage_boundaries=table.column("stage_boundaries").to_pylist(),
         prompts=table.column("prompt").to_pylist(),
+        stage=stage,
+        subtask=subtask,
     )
+
+
+def _stage_labels(table: pa.Table, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flat per-frame stage/subtask labels; unannotated episodes (empty lists) get -1 / NaN."""
+    annotated = pc.list_value_length(table.column("stage")).to_numpy() == lengths
+    stage = np.full(int(lengths.sum()), -1, dtype=np.int64)
+    subtask = np.full(int(lengths.sum()), np.nan, dtype=np.float32)
+    frame_annotated = np.repeat(annotated, lengths)
+    stage[frame_annotated] = _flat_values(table.column("stage"))
+    subtask[frame_annotated] = _flat_values(table.column("subtask_progress"))
+    return stage, subtask
 
 
 def select_episodes(batch: EpisodeBatch, keep: np.ndarray) -> EpisodeBatch:
@@ -152,4 +175,11 @@ def select_episodes(batch: EpisodeBatch, keep: np.ndarray) -> EpisodeBatch:
         success=[batch.success[i] for i in idx],
         stage_boundaries=[batch.stage_boundaries[i] for i in idx],
         prompts=[batch.prompts[i] for i in idx],
+        stage=None if batch.stage is None else _take_frames(batch, idx, batch.stage),
+        subtask=None if batch.subtask is None else _take_frames(batch, idx, batch.subtask),
     )
+
+
+def _take_frames(batch: EpisodeBatch, idx: np.ndarray, values: np.ndarray) -> np.ndarray:
+    parts = [values[batch.offsets[i] : batch.offsets[i + 1]] for i in idx]
+    return np.concatenate(parts) if parts else values[:0]

@@ -37,7 +37,7 @@ from rayrm.config import ModelConfig, TrainConfig, to_dict
 from rayrm.data.shards import EpisodeBatch, episodes_from_table, select_episodes
 from rayrm.runtime import setup_logging
 from rayrm.train.checkpoint import WEIGHTS, load_train_state, save_checkpoint
-from rayrm.train.model import RewardTransformer
+from rayrm.train.model import ModelOutput, RewardTransformer
 from rayrm.train.tracking import Trackers
 from rayrm.train.windows import WindowBatch, sample_windows
 
@@ -56,6 +56,8 @@ class DeviceEpisodes:
     lengths: torch.Tensor  # int64 [N]
     offsets: torch.Tensor  # int64 [N + 1]
     host: EpisodeBatch
+    stage: torch.Tensor | None = None  # int64 [sum T] (SARM)
+    subtask: torch.Tensor | None = None  # float32 [sum T] (SARM)
 
     @classmethod
     def from_batch(cls, batch: EpisodeBatch, device, blind: bool, tasks: list[str]):
@@ -72,6 +74,8 @@ class DeviceEpisodes:
             lengths=torch.from_numpy(batch.lengths).to(device),
             offsets=torch.from_numpy(batch.offsets).to(device),
             host=batch,
+            stage=None if batch.stage is None else torch.from_numpy(batch.stage).to(device),
+            subtask=None if batch.subtask is None else torch.from_numpy(batch.subtask).to(device),
         )
 
 
@@ -107,48 +111,88 @@ def global_input_stats(episodes: DeviceEpisodes) -> list[torch.Tensor]:
     return stats
 
 
+@dataclass
+class Inputs:
+    """One batch of windows, gathered on the device."""
+
+    visual: torch.Tensor  # [B, L, D]
+    language: torch.Tensor  # [B, D_lang]
+    progress: torch.Tensor  # [B, L] ReWIND targets
+    stage: torch.Tensor | None = None  # [B, L] SARM stage targets
+    subtask: torch.Tensor | None = None  # [B, L] SARM subtask-progress targets
+
+
 def window_inputs(
     episodes: DeviceEpisodes,
     windows: WindowBatch,
     task_language: torch.Tensor | None = None,
     mismatch_prob: float = 0.0,
     generator: torch.Generator | None = None,
-):
-    """Gather a batch: visual [B, L, D], language [B, D_lang], targets [B, L].
+) -> Inputs:
+    """Gather a batch of windows from the episode buffer.
 
     With ``mismatch_prob`` > 0, that share of windows gets another task's instruction (drawn
     from ``task_language``, never its own) and a target of 0: progress toward a task that is
-    not being done (ReWiND's mismatched-instruction negatives).
+    not being done (ReWiND's mismatched-instruction negatives; in SARM mode stage 0, subtask 0).
     """
-    visual = episodes.visual[windows.frame_index]
-    language = episodes.language[windows.episode]
-    target = windows.target
+    inputs = Inputs(
+        visual=episodes.visual[windows.frame_index],
+        language=episodes.language[windows.episode],
+        progress=windows.target,
+    )
+    if episodes.stage is not None:
+        inputs.stage = episodes.stage[windows.frame_index]
+        inputs.subtask = episodes.subtask[windows.frame_index]
     if mismatch_prob > 0:
         own = episodes.task[windows.episode]
         n_tasks, batch = len(task_language), len(own)
         swap = torch.rand(batch, generator=generator, device=own.device) < mismatch_prob
         other = torch.randint(n_tasks - 1, (batch,), generator=generator, device=own.device)
         other = other + (other >= own).long()  # any task but its own
-        language = torch.where(swap[:, None], task_language[other], language)
-        target = torch.where(swap[:, None], torch.zeros_like(target), target)
-    return visual, language, target
+        inputs.language = torch.where(swap[:, None], task_language[other], inputs.language)
+        for name in ("progress", "stage", "subtask"):
+            value = getattr(inputs, name)
+            if value is not None:
+                setattr(inputs, name, torch.where(swap[:, None], torch.zeros_like(value), value))
+    return inputs
+
+
+def window_loss(
+    model, inputs: Inputs, gt_stage_prob: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, ModelOutput]:
+    """ReWIND: MSE on progress. SARM: MSE on subtask progress + cross-entropy on stage logits
+    (the subtask head sees the true stage in ``gt_stage_prob`` of the windows)."""
+    if inputs.stage is None:
+        out = model(inputs.visual, inputs.language, return_all=True)
+        return F.mse_loss(out.progress.float(), inputs.progress), out
+    batch = len(inputs.stage)
+    use_true = torch.rand(batch, generator=generator, device=inputs.stage.device) < gt_stage_prob
+    out = model(inputs.visual, inputs.language, inputs.stage, use_true, return_all=True)
+    subtask = F.mse_loss(out.subtask.float(), inputs.subtask)
+    stage = F.cross_entropy(out.stage_logits.float().flatten(0, 1), inputs.stage.flatten())
+    return subtask + stage, out
 
 
 @torch.no_grad()
 def validate(
     model: RewardTransformer, val: DeviceEpisodes, windows: WindowBatch, autocast
 ) -> dict[str, float]:
-    """Loss on fixed held-out windows and VOC of plain prefix curves of expert episodes."""
+    """Loss on fixed held-out windows (stages as predicted, like inference), stage accuracy for
+    SARM models, and VOC of the plain prefix curves of expert episodes."""
     model.eval()
     with autocast():
-        visual, language, target = window_inputs(val, windows)
-        loss = F.mse_loss(model(visual, language).float(), target).item()
+        inputs = window_inputs(val, windows)
+        loss, out = window_loss(model, inputs, gt_stage_prob=0.0)
+        scores = {"val_loss": loss.item()}
+        if out.stage_logits is not None:
+            correct = out.stage_logits.argmax(-1) == inputs.stage
+            scores["val_stage_accuracy"] = correct.float().mean().item()
         curves = []
         for i in range(min(len(val.host), VOC_EPISODES)):
             frames = val.visual[val.offsets[i] : val.offsets[i + 1]]
             curves.append(model.prefix_curve(frames, val.language[i]).cpu().numpy())
     model.train()
-    return {"val_loss": loss, "val_voc": metrics.mean_voc(curves)}
+    return {**scores, "val_voc": metrics.mean_voc(curves)}
 
 
 def optimizer_and_schedule(model, cfg: TrainConfig, total_steps: int):
@@ -229,6 +273,8 @@ def build_worker(config: dict[str, Any]) -> Worker:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     raw_model = RewardTransformer(model_cfg, train.visual.shape[1], train.language.shape[1])
     raw_model.set_input_stats(*global_input_stats(train))
+    if model_cfg.num_stages > 0:
+        raw_model.set_stage_priors(torch.tensor(config["stage_prior"]))
     raw_model.to(device)
     model = ray.train.torch.prepare_model(raw_model, move_to_device=False)
     torch.manual_seed(cfg.seed + 1 + rank)  # dropout differs between ranks
@@ -237,6 +283,9 @@ def build_worker(config: dict[str, Any]) -> Worker:
     if rank == 0:
         val_batch = load_shard("val")
         expert = np.array([s is not False for s in val_batch.success])  # targets assume success
+        if model_cfg.num_stages > 0:  # stage targets exist only for annotated episodes
+            first = val_batch.offsets[:-1]
+            expert &= val_batch.stage[first] >= 0
         val = DeviceEpisodes.from_batch(
             select_episodes(val_batch, expert), device, cfg.blind, tasks
         )
@@ -294,11 +343,11 @@ def train_step(worker: Worker, generator: torch.Generator, seq_len: int) -> torc
         cfg.rewind_prob if cfg.rewind else 0.0,
         generator,
     )
-    visual, language, target = window_inputs(
+    inputs = window_inputs(
         worker.train, windows, worker.task_language, cfg.mismatch_prob, generator
     )
     with worker.autocast():
-        loss = F.mse_loss(worker.model(visual, language).float(), target)
+        loss, _ = window_loss(worker.model, inputs, cfg.gt_stage_prob, generator)
     worker.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(worker.model.parameters(), cfg.grad_clip)

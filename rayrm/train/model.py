@@ -1,4 +1,13 @@
-"""The reward transformer (SEED-SPEC §5, continuous ReWIND head).
+"""The reward transformer (SEED-SPEC §5): a continuous ReWIND head, or SARM stage heads.
+
+Continuous (``model.num_stages == 0``, the seed's default): progress = sigmoid head per frame.
+
+SARM (``model.num_stages = K > 0``): a shared trunk feeds a stage head that outputs *logits*
+(trained with cross-entropy; the seed applied softmax first and then cross-entropy, i.e.
+softmax twice) and a subtask-progress head that is conditioned on a stage (one-hot, concatenated
+to the trunk features): the ground-truth stage for a share of training windows, the predicted
+stage otherwise and always at inference. Total progress = cumulative prior of the stage + prior
+of the stage x subtask progress, with the stage priors stored as buffers.
 
 Tokens: [language] + L video tokens. Visual (and language) embeddings are first standardised
 with per-dimension statistics of the training set (stored as buffers, so they travel with the
@@ -8,6 +17,8 @@ Order is carried by the causal mask; a learned vector marks the first video toke
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -37,14 +48,22 @@ class RewardTransformer(nn.Module):
             d, cfg.num_heads, cfg.ffn_dim, cfg.dropout, batch_first=True
         )
         self.encoder = nn.TransformerEncoder(layer, cfg.num_layers, enable_nested_tensor=False)
-        self.head = nn.Sequential(
-            nn.Linear(d, cfg.head_hidden),
-            nn.LayerNorm(cfg.head_hidden),
-            nn.GELU(),
-            nn.Dropout(cfg.dropout),
-            nn.Linear(cfg.head_hidden, 1),
-            nn.Sigmoid(),
-        )
+        if cfg.num_stages > 0:
+            self.trunk = _trunk(d, cfg.head_hidden, cfg.dropout)
+            self.stage_head = nn.Linear(cfg.head_hidden, cfg.num_stages)
+            self.subtask_head = nn.Sequential(
+                nn.Linear(cfg.head_hidden + cfg.num_stages, cfg.head_hidden),
+                nn.GELU(),
+                nn.Linear(cfg.head_hidden, 1),
+                nn.Sigmoid(),
+            )
+            uniform = torch.full((cfg.num_stages,), 1.0 / cfg.num_stages)
+            self.register_buffer("stage_prior", uniform)
+            self.register_buffer("cumulative_prior", torch.cumsum(uniform, 0) - uniform)
+        else:
+            self.head = nn.Sequential(
+                _trunk(d, cfg.head_hidden, cfg.dropout), nn.Linear(cfg.head_hidden, 1), nn.Sigmoid()
+            )
         self.register_buffer("visual_mean", torch.zeros(visual_dim))
         self.register_buffer("visual_std", torch.ones(visual_dim))
         self.register_buffer("language_mean", torch.zeros(language_dim))
@@ -60,8 +79,14 @@ class RewardTransformer(nn.Module):
         ]:
             getattr(self, name).copy_(value)
 
-    def forward(self, visual: torch.Tensor, language: torch.Tensor | None = None) -> torch.Tensor:
-        """visual [B, L, D], language [B, D_lang] -> progress in (0, 1) per frame, [B, L]."""
+    def set_stage_priors(self, prior: torch.Tensor) -> None:
+        """Share of the task each stage takes (sums to 1); the cumulative prior is exclusive."""
+        prior = torch.as_tensor(prior, dtype=torch.float32, device=self.stage_prior.device)
+        self.stage_prior.copy_(prior)
+        self.cumulative_prior.copy_(torch.cumsum(prior, 0) - prior)
+
+    def encode(self, visual: torch.Tensor, language: torch.Tensor | None) -> torch.Tensor:
+        """visual [B, L, D], language [B, D_lang] -> hidden states of the video tokens."""
         x = self.visual_proj((visual - self.visual_mean) / self.visual_std)
         if self.cfg.positional == "first":
             x = torch.cat([x[:, :1] + self.first_frame, x[:, 1:]], dim=1)
@@ -72,27 +97,90 @@ class RewardTransformer(nn.Module):
             x = torch.cat([self.language_proj(lang).unsqueeze(1), x], dim=1)
         mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1], device=x.device)
         h = self.encoder(x, mask=mask.to(x.dtype), is_causal=True)
-        if self.language_proj is not None:
-            h = h[:, 1:]
-        return self.head(h).squeeze(-1)
+        return h[:, 1:] if self.language_proj is not None else h
+
+    def forward_all(
+        self,
+        visual: torch.Tensor,
+        language: torch.Tensor | None = None,
+        stage: torch.Tensor | None = None,
+        use_given_stage: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        """All heads. SARM training passes the ground-truth ``stage`` [B, L] and a mask
+        ``use_given_stage`` [B]: those rows condition the subtask head on the given stage, the
+        others on the predicted one (as at inference, where no stage is given)."""
+        h = self.encode(visual, language)
+        if self.cfg.num_stages == 0:
+            return ModelOutput(progress=self.head(h).squeeze(-1))
+        features = self.trunk(h)
+        logits = self.stage_head(features)
+        predicted = logits.argmax(-1)
+        if stage is None:
+            stage = predicted
+        elif use_given_stage is not None:
+            stage = torch.where(use_given_stage[:, None], stage, predicted)
+        one_hot = nn.functional.one_hot(stage, self.cfg.num_stages).to(features.dtype)
+        subtask = self.subtask_head(torch.cat([features, one_hot], -1)).squeeze(-1)
+        progress = self.cumulative_prior[stage] + self.stage_prior[stage] * subtask
+        return ModelOutput(progress=progress, stage_logits=logits, subtask=subtask, stage=stage)
+
+    def forward(
+        self,
+        visual: torch.Tensor,
+        language: torch.Tensor | None = None,
+        stage: torch.Tensor | None = None,
+        use_given_stage: torch.Tensor | None = None,
+        return_all: bool = False,
+    ) -> torch.Tensor | ModelOutput:
+        """visual [B, L, D], language [B, D_lang] -> total progress in [0, 1] per frame, [B, L];
+        every head's output with ``return_all`` (training goes through here, so DDP sees it)."""
+        out = self.forward_all(visual, language, stage, use_given_stage)
+        return out if return_all else out.progress
+
+    @torch.no_grad()
+    def prefix_outputs(
+        self, visual: torch.Tensor, language: torch.Tensor | None, batch_size: int = 256
+    ) -> dict[str, torch.Tensor | None]:
+        """Plain prefix curves of one episode (SEED-SPEC §6 without chaining).
+
+        Prefix i (frames 0..i) is padded/subsampled to L like a training window; its values are
+        the outputs at position min(i, L-1), i.e. at the prefix's last frame. Returns
+        ``progress`` float32 [T], and for SARM models ``stage`` int64 [T] (argmax) and
+        ``subtask`` float32 [T] (None otherwise).
+        """
+        num_frames, seq_len = visual.shape[0], self.cfg.max_seq_len
+        positions = prefix_positions(num_frames, seq_len, device=visual.device)
+        read = prefix_read_position(num_frames, seq_len, device=visual.device)
+        parts: dict[str, list[torch.Tensor]] = {"progress": [], "stage": [], "subtask": []}
+        for start in range(0, num_frames, batch_size):
+            rows = slice(start, start + batch_size)
+            seqs = visual[positions[rows]]
+            lang = None if self.language_proj is None else language.expand(len(seqs), -1)
+            out = self.forward_all(seqs, lang)
+            at = read[rows].unsqueeze(1)
+            parts["progress"].append(out.progress.gather(1, at).squeeze(1).float())
+            if out.stage is not None:
+                parts["stage"].append(out.stage.gather(1, at).squeeze(1))
+                parts["subtask"].append(out.subtask.gather(1, at).squeeze(1).float())
+        return {k: torch.cat(v) if v else None for k, v in parts.items()}
 
     @torch.no_grad()
     def prefix_curve(
         self, visual: torch.Tensor, language: torch.Tensor | None, batch_size: int = 256
     ) -> torch.Tensor:
-        """Plain prefix curve of one episode (SEED-SPEC §6 without chaining): float32 [T].
+        """The total-progress prefix curve, float32 [T] (see ``prefix_outputs``)."""
+        return self.prefix_outputs(visual, language, batch_size)["progress"]
 
-        Prefix i (frames 0..i) is padded/subsampled to L like a training window; its value is
-        the prediction at position min(i, L-1), i.e. at the prefix's last frame.
-        """
-        num_frames, seq_len = visual.shape[0], self.cfg.max_seq_len
-        positions = prefix_positions(num_frames, seq_len, device=visual.device)
-        read = prefix_read_position(num_frames, seq_len, device=visual.device)
-        out = torch.empty(num_frames, device=visual.device)
-        for start in range(0, num_frames, batch_size):
-            rows = slice(start, start + batch_size)
-            seqs = visual[positions[rows]]
-            lang = None if self.language_proj is None else language.expand(len(seqs), -1)
-            pred = self(seqs, lang)
-            out[rows] = pred.gather(1, read[rows].unsqueeze(1)).squeeze(1).float()
-        return out
+
+@dataclass
+class ModelOutput:
+    progress: torch.Tensor  # [B, L] total progress
+    stage_logits: torch.Tensor | None = None  # [B, L, K] (SARM)
+    subtask: torch.Tensor | None = None  # [B, L] (SARM)
+    stage: torch.Tensor | None = None  # [B, L] stage that conditioned the subtask head
+
+
+def _trunk(d_model: int, hidden: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(d_model, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Dropout(dropout)
+    )

@@ -148,14 +148,54 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
+def train_columns(cfg: Config) -> list[str]:
+    sarm = cfg.model.num_stages > 0
+    return schema.TRAIN_COLUMNS + (schema.STAGE_COLUMNS if sarm else [])
+
+
+def _stage_split(cfg: Config, manifest: dict, split: EpisodeSplit) -> list[float]:
+    """SARM: keep annotated episodes only; return the stage priors of the training set."""
+    k = cfg.model.num_stages
+    if manifest.get("num_stages") != k:
+        raise ShardError(
+            f"{cfg.train.embeddings}: model.num_stages={k} but the shards hold "
+            f"{manifest.get('num_stages', 'no')} annotated stages (run `rayrm annotate`)"
+        )
+    table = pq.read_table(shard_dir(cfg.train.embeddings), columns=["episode_id", "stage"])
+    stages = dict(zip(table.column("episode_id").to_pylist(), table.column("stage").to_pylist()))
+    annotated = {e for e, labels in stages.items() if len(labels) == split.frames[e]}
+    split.train = [e for e in split.train if e in annotated]
+    split.train_frames = sum(split.frames[e] for e in split.train)
+    if not split.train:
+        raise ShardError("no annotated training episode: SARM training needs stage labels")
+    if not annotated.intersection(split.val):
+        raise ShardError("no annotated held-out episode to validate stage predictions on")
+    return stage_priors([stages[e] for e in split.train], k, cfg.train.stage_prior)
+
+
+def stage_priors(stage_lists: list[list[int]], num_stages: int, mode: str) -> list[float]:
+    """Share of the task each stage takes: ``episode`` = mean over episodes of each stage's
+    share of the episode (SARM paper), ``frame`` = share of all frames (seed)."""
+    counts = np.array([np.bincount(s, minlength=num_stages) for s in stage_lists], np.float64)
+    if mode == "episode":
+        prior = (counts / counts.sum(1, keepdims=True)).mean(0)
+    elif mode == "frame":
+        prior = counts.sum(0) / counts.sum()
+    else:
+        raise ValueError(f"train.stage_prior must be 'episode' or 'frame', got {mode!r}")
+    return prior.tolist()
+
+
 def _check_inputs(cfg: Config) -> tuple[dict, EpisodeSplit, list[str], np.ndarray]:
     """Everything that can be wrong with the inputs, checked before any worker starts."""
     tcfg = cfg.train
     manifest = read_manifest(tcfg.embeddings)
     check_columns(
-        pq.read_schema(_first_shard(tcfg.embeddings)), schema.TRAIN_COLUMNS, tcfg.embeddings
+        pq.read_schema(_first_shard(tcfg.embeddings)), train_columns(cfg), tcfg.embeddings
     )
     split = make_split(cfg, read_episode_index(tcfg.embeddings))
+    if cfg.model.num_stages > 0:
+        manifest["stage_prior"] = _stage_split(cfg, manifest, split)
     tasks, task_language = task_table(tcfg.embeddings)
     if tcfg.mismatch_prob > 0 and len(tasks) < 2:
         raise ValueError("train.mismatch_prob > 0 needs episodes of at least 2 distinct prompts")
@@ -182,13 +222,14 @@ def run_train(cfg: Config) -> TrainResult:
     meta = {
         "embeddings": os.path.abspath(tcfg.embeddings),
         "backbone": manifest["backbone"],
+        "stage_names": manifest.get("stage_names"),
         "split": {"val_ratio": tcfg.val_ratio, "seed": tcfg.seed, "val_episodes": split.val},
     }
     with quiet_datasets():
         # Not split by Ray: each rank keeps the episodes assigned to it (deterministic).
         datasets = {
-            "train": episode_dataset(tcfg.embeddings, split.train),
-            "val": episode_dataset(tcfg.embeddings, split.val),
+            "train": episode_dataset(tcfg.embeddings, split.train, train_columns(cfg)),
+            "val": episode_dataset(tcfg.embeddings, split.val, train_columns(cfg)),
         }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -202,6 +243,7 @@ def run_train(cfg: Config) -> TrainResult:
             "tasks": tasks,
             "task_language": task_language,
             "run_dir": run_dir,
+            "stage_prior": manifest.get("stage_prior"),
             "meta": meta,
         },
         scaling_config=ScalingConfig(
