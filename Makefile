@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[dev]"
+	# Test-only reference DINOv2 code; its metadata pins torch 2.0 and xformers, hence --no-deps.
+	$(BIN)/pip install --quiet --no-deps dinov2==0.0.1.dev2
 	touch $(STAMP)
 
 setup: $(STAMP)
