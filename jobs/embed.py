@@ -1,7 +1,7 @@
-"""`ray job submit --working-dir . -- python jobs/embed.py --config configs/<x>.yaml [--a.b v]`
+"""``rayrm embed`` as a Ray job (how rayrm reaches the cluster: see jobs/pipeline.py).
 
-Same as `rayrm embed`: parse the config, connect to the cluster (RAY_ADDRESS, set by
-`ray job submit`), run. Exits non-zero on failure so the job is reported as failed.
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+        python jobs/embed.py --config configs/cluster_8gpu.yaml [--section.key value ...]
 """
 
 import sys

@@ -1,8 +1,10 @@
 """``rayrm <command> [--config FILE] [--section.key VALUE ...]``
 
-Commands: synth, embed, train, evaluate, pipeline (embed -> train -> evaluate), demo (synth ->
-embed -> train -> evaluate, with a blind control). Each parses its config, then calls one
-function; known input problems exit with status 2 and a message, nothing half-written.
+Commands: synth, embed, annotate-video (numbered videos to label stages from), annotate (a
+stage JSON onto the shards), train, evaluate, pipeline (embed -> train -> evaluate), demo
+(synth -> embed [-> annotate] -> train -> evaluate, with a blind control). Each parses its
+config, then calls one function; known input problems exit with status 2 and a message,
+nothing half-written.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 import sys
 
 from rayrm.backbones import UnknownBackboneError
-from rayrm.config import ConfigError, load_config, resolve_paths
+from rayrm.config import ConfigError, check_local_paths, load_config, resolve_paths
 from rayrm.data.hdf5 import InvalidEpisodesError
 from rayrm.data.shards import ShardError
 from rayrm.runtime import init_ray, setup_logging
@@ -22,10 +24,13 @@ logger = logging.getLogger("rayrm")
 COMMANDS = {
     "synth": "write synthetic episodes (seed's raw HDF5 layout)",
     "embed": "HDF5 episodes -> Parquet embedding shards (Ray Data)",
+    "annotate-video": "per episode an mp4 with frame numbers and a contact sheet, to label stages",
+    "annotate": "apply a stage JSON to the embedding shards (stage, subtask_progress columns)",
     "train": "train the reward model on embedding shards (Ray Train)",
-    "evaluate": "reward curves, metrics and plot for a checkpoint",
+    "evaluate": "reward curves, metrics, figures, videos and an HTML report for a checkpoint",
     "pipeline": "embed -> train -> evaluate",
     "demo": "synth -> embed -> train -> evaluate, with a blind control",
+    "progress": "Qwen3-VL in-context progress estimates (GVL); own flags: rayrm progress -h",
 }
 USER_ERRORS = (
     ConfigError,
@@ -41,15 +46,23 @@ USER_ERRORS = (
 def _run(command: str, cfg) -> None:
     # Imported here so `rayrm synth` does not pay for torch and Ray Train imports.
     if command == "synth":
-        from rayrm.data.synthetic import write_synthetic_dataset
+        from rayrm.pipeline import run_synth
 
-        logger.info("wrote %s", write_synthetic_dataset(cfg.synth))
+        run_synth(cfg)
         return
     init_ray(cfg.ray)
     if command == "embed":
         from rayrm.embed import run_embed
 
         run_embed(cfg)
+    elif command == "annotate-video":
+        from rayrm.annotate.videos import run_annotate_video
+
+        run_annotate_video(cfg.annotate)
+    elif command == "annotate":
+        from rayrm.annotate.labels import run_annotate
+
+        run_annotate(cfg.annotate)
     elif command == "train":
         from rayrm.train.trainer import run_train
 
@@ -69,7 +82,9 @@ def _run(command: str, cfg) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rayrm", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="rayrm", description=__doc__.split("\n")[0], allow_abbrev=False
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
@@ -78,9 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["progress"]:  # the GVL estimator has its own flags (see its --help)
+        from rayrm.backbones.qwen3_vl_progress import main as progress_main
+
+        return progress_main(argv[1:]) or 0
     args, overrides = build_parser().parse_known_args(argv)
     try:
         cfg = resolve_paths(load_config(args.config, overrides))
+        check_local_paths(cfg)
     except (ConfigError, OSError) as err:
         setup_logging()
         logger.error("%s", err)

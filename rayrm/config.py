@@ -391,6 +391,22 @@ def resolve_paths(cfg: Config) -> Config:
     return out
 
 
+# Outputs that must be local (or a shared mount such as NFS/EFS on every node) for now: the
+# trainer and evaluator write them with local file operations. Inputs may be URLs.
+LOCAL_ONLY_PATHS = ("train.embeddings", "train.output", "evaluate.embeddings", "evaluate.output")
+
+
+def check_local_paths(cfg: Config) -> None:
+    for dotted in LOCAL_ONLY_PATHS:
+        section, name = dotted.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value and "://" in value:
+            raise ConfigError(
+                f"{dotted}={value!r}: remote storage is not supported there yet; use a path "
+                "on storage every node mounts (e.g. NFS/EFS at the same path)"
+            )
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 

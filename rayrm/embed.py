@@ -1,31 +1,99 @@
-"""Embedding on Ray Data: raw HDF5 episodes in, Parquet episode shards out.
+"""Embedding on Ray Data: raw HDF5 episodes in, Parquet episode shards out; resumable.
 
 ::
 
-    HDF5EpisodeDatasource (read tasks, frame chunks)
-      -> map_batches(FrameEmbedder, actor pool; GPUs when configured)
-      -> groupby(episode_id, ~episodes/episodes_per_shard partitions)
-         .map_groups(assemble_episode)                       # one row per episode
-      -> write_parquet(<output>.partial-*/shards) -> manifest.json -> rename to <output>
+    scan (metadata and cheap checks, no frames; Ray tasks when there are several files)
+      -> HDF5EpisodeDatasource      read tasks: fixed-size frame blocks, episodes in order
+      -> map_batches(FrameEmbedder) actor pool (one per GPU with num_actors 0), restarted
+                                    by Ray when an actor dies, its batch retried
+      -> driver: EpisodeAssembler   frame embeddings -> whole episodes
+      -> ShardWriter                every ``episodes_per_shard`` episodes: one Parquet file,
+                                    written in tmp/ and renamed into shards/ (the commit)
+      -> failures.json, manifest.json, then the folder is renamed to <output>
 
-Prompts are embedded once per distinct prompt (a single remote task), not once per frame.
-Every input episode is checked before any frame is read; any problem aborts the run with one
-line per problem and nothing written. The output folder appears only when complete (written
-under a temporary name, then renamed), so a reader never sees a half-written embedding set;
-``embed.overwrite`` moves the old output aside and deletes it only once the new one is in.
+    prompts: one Ray task loads the backbone and embeds each distinct prompt once
+             (:class:`BackboneFacts`; a GPU backbone never loads on the driver)
 
-Run: ``rayrm embed --config configs/demo.yaml`` (or ``jobs/embed.py`` on a cluster).
+Why the driver assembles episodes: Ray Data's groupby is an all-to-all barrier, so nothing
+could be committed (or resumed) before every frame was embedded, and all embeddings would sit
+in the object store at once. The driver instead receives each frame embedding once (4 bytes
+per dimension; ~3 KB per frame for a 768-d backbone), keeps only unfinished episodes and the
+next shard or two in memory, and commits shards as episodes finish. Reading, inference and
+writing overlap: Ray Data streams read tasks into the actors while the driver consumes their
+output and a background thread writes the previous shard. Memory is bounded by Ray Data's
+streaming backpressure, not by the number of episodes.
+
+Output folder, resume, overwrite
+--------------------------------
+A run works in ``.<output>.partial/`` beside ``<output>`` (same file system, so the final
+rename is atomic)::
+
+    run.json            settings that decide the embeddings (backbone, camera, prompt)
+    shards/*.parquet    committed shards: whole episodes, each file appeared by one rename
+    tmp/                shards being written (cleared at start)
+
+The committed shards are the ledger: the episode ids in ``shards/`` are exactly the finished
+episodes, so a rerun reads that one column back and embeds only the other episodes. A crash
+loses at most the episodes not yet committed. Readers look at ``<output>`` only, which exists
+once complete (``manifest.json`` is written last, then the folder is renamed), so no partial
+Parquet file or partial set of them is ever visible to them.
+
+=====================================================  ===================================
+found at start                                         the run
+=====================================================  ===================================
+nothing                                                starts in a new ``.partial``
+``.partial`` with the same settings                    resumes it (whatever ``overwrite``)
+``.partial`` with other settings, or holding episodes  error; ``overwrite: true`` discards
+no longer in the input (or with other frame counts)    it and starts again
+``<output>`` (finished, or anything else)              error unless ``overwrite: true``;
+                                                       the old output stays until the new
+                                                       one is complete, then is replaced
+``.partial`` locked by a running embed                 error
+=====================================================  ===================================
+
+Exactly once: each episode id appears in one committed shard at most (the rerun skips
+committed ids; within a run the assembler takes each frame once and drops any repeat of a
+finished episode, e.g. from a retried task), and before publishing the ids in ``shards/`` are
+checked against the input: every episode that did not fail, once.
+
+Bad input
+---------
+A problem of one episode does not stop the others: unreadable files, missing camera, wrong
+dtype or shape, too few frames, NaN in pose or action, bad stage boundaries, a repeated
+episode id (found by the scan), frames that fail to read, non-finite embeddings (found while
+embedding). Each is a row of ``failures.json`` (``file``, ``episode``, ``key``, ``reason``;
+episode ``-`` for a whole file). At the end, if more episodes failed than
+``max_failed_episodes`` (default 0; -1 allows any number), the run raises
+:class:`InvalidEpisodesError` (the CLI exits with 2) and publishes nothing; ``.partial`` keeps
+the good episodes and ``failures.json``. Fix or remove the bad inputs, or allow them, and rerun:
+it resumes, and retries only the failed episodes. Within the limit the output is published
+with ``failures.json`` and ``num_failed_episodes`` in the manifest.
+Abort at once, before any frame is read: unknown backbone, no input files, an existing output
+without ``overwrite``. Errors that are not about one episode (the backbone raising, a lost
+cluster, a full disk) abort the run; committed shards stay for the rerun.
+
+Inputs are local paths or URLs (``s3://``, ``gs://``, ``file://``; see ``rayrm.data.hdf5``).
+The output is a local or mounted path (the driver writes it; renames must be atomic).
+
+Run: ``rayrm embed --config configs/demo.yaml`` (or ``jobs/embed.py`` on a cluster). Rerunning
+the same command after a crash resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import math
 import os
 import shutil
+import threading
 import time
 import uuid
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -33,20 +101,38 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+import torch
 
 from rayrm.backbones import build_backbone
 from rayrm.backbones.base import backbone_class
-from rayrm.config import BackboneConfig, Config
+from rayrm.config import BackboneConfig, Config, EmbedConfig
 from rayrm.data import schema
 from rayrm.data.hdf5 import (
     EpisodeInfo,
+    EpisodeProblem,
     HDF5EpisodeDatasource,
     InvalidEpisodesError,
+    is_url,
     list_hdf5_files,
+    merge_scans,
+    read_error,
     scan_episodes,
+    scan_file,
 )
 
 logger = logging.getLogger(__name__)
+
+FORMAT = "rayrm.embeddings/1"
+FAILURES_NAME = "failures.json"
+RUN_NAME = "run.json"
+PARTIAL_SUFFIX = "partial"
+_MAX_SHARD_BYTES = 256 << 20  # a shard is committed early when its embeddings reach this
+_MAX_SCAN_TASKS = 64
+_BLOCKS_PER_READ_TASK = 16
+_BATCHES_QUEUED_PER_ACTOR = 4
+
+
+# --------------------------------------------------------------------------- the actors
 
 
 class FrameEmbedder:
@@ -57,7 +143,9 @@ class FrameEmbedder:
     size at a time (the backbone resizes, so sizes need not match across calls).
     """
 
-    def __init__(self, backbone_cfg: BackboneConfig):
+    def __init__(self, backbone_cfg: BackboneConfig, torch_threads: int = 0):
+        if torch_threads > 0:
+            torch.set_num_threads(torch_threads)
         self.backbone = build_backbone(backbone_cfg)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -105,6 +193,8 @@ def describe_backbone(
     Runs inside a Ray task (like :func:`embed_prompts`) so a GPU backbone never loads on the
     driver; the dims go into the manifest without reading the written shards back."""
     backbone = build_backbone(backbone_cfg)
+    if not prompts:  # every episode failed the checks: only the dims are needed
+        return {}, int(backbone.visual_dim), int(backbone.language_dim)
     vectors = np.asarray(backbone.embed_prompts(prompts), dtype=np.float32)
     if vectors.shape != (len(prompts), backbone.language_dim):
         raise RuntimeError(
@@ -114,71 +204,247 @@ def describe_backbone(
     return dict(zip(prompts, vectors)), int(backbone.visual_dim), int(backbone.language_dim)
 
 
-def assemble_episode(
-    frames: dict[str, np.ndarray],
-    episodes: dict[str, EpisodeInfo],
-    language: dict[str, np.ndarray],
-) -> pa.Table:
-    """All frame rows of one episode -> one row of ``schema.EPISODE_SCHEMA``."""
-    info = episodes[str(frames["episode_id"][0])]
-    order = np.argsort(frames["frame_index"], kind="stable")
-    if not np.array_equal(frames["frame_index"][order], np.arange(info.num_frames)):
-        raise RuntimeError(f"episode {info.episode_id}: frames missing or repeated")
-    visual = np.asarray(frames["visual_embedding"], dtype=np.float32)[order]
-    if not np.isfinite(visual).all():
-        bad = int(np.flatnonzero(~np.isfinite(visual).all(axis=1))[0])
-        raise FloatingPointError(
-            f"episode {info.episode_id} ({info.source_file}): non-finite visual embedding at "
-            f"frame {bad}"
+class BackboneFacts:
+    """:func:`describe_backbone`'s result (prompt vectors, dims) from one Ray task.
+
+    With GPUs the task runs before the pipeline starts: later, every GPU could be held by the
+    actor pool, which would wait on the writer, which would wait on this task. On CPU it
+    starts when the first embeddings arrive, so its model load does not compete with the
+    actors' start-up for the CPUs; the writer waits for it at its first commit."""
+
+    def __init__(self, cfg: Config, episodes: list[EpisodeInfo]):
+        ecfg = cfg.embed
+        self.task = ray.remote(describe_backbone).options(
+            num_gpus=ecfg.num_gpus_per_actor, num_cpus=ecfg.num_cpus_per_actor
         )
-    progress = (np.arange(info.num_frames, dtype=np.float32) + 1) / info.num_frames
-    row = {
-        "episode_id": [info.episode_id],
-        "source_file": [info.source_file],
-        "num_frames": [info.num_frames],
-        "prompt": [info.prompt],
-        "success": [info.success],
-        "stage_boundaries": [list(info.stage_boundaries)],
-        "visual_embedding": [visual.ravel()],
-        "language_embedding": [language[info.prompt]],
-        "progress": [progress],
+        self.args = (cfg.backbone, sorted({e.prompt for e in episodes}))
+        self.ref: ray.ObjectRef | None = None
+        self.lock = threading.Lock()  # the writer thread may ask first
+        if ecfg.num_gpus_per_actor > 0:
+            self.get()  # also fails fast on a backbone that cannot load
+
+    def start(self) -> None:
+        with self.lock:
+            if self.ref is None:
+                self.ref = self.task.remote(*self.args)
+
+    def get(self) -> tuple[dict[str, np.ndarray], int, int]:
+        """(prompt -> vector, visual_dim, language_dim)."""
+        self.start()
+        return ray.get(self.ref)
+
+
+# --------------------------------------------------------------------------- episodes
+
+
+class EpisodeAssembler:
+    """Frame embeddings arriving in any batches and order -> whole episodes, each once."""
+
+    def __init__(self, episodes: list[EpisodeInfo]):
+        self.info = {e.episode_id: e for e in episodes}
+        self.partial: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # [T, D], filled [T]
+        self.done: set[str] = set()
+
+    def add(self, batch: dict[str, np.ndarray]) -> list[tuple[EpisodeInfo, np.ndarray]]:
+        """Take one batch of frame rows; return the episodes it completes."""
+        ids, index = batch["episode_id"], batch["frame_index"]
+        visual = batch["visual_embedding"]
+        if not len(ids):
+            return []
+        # Blocks hold runs of one episode's frames: handle each run with one slice.
+        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+        finished = []
+        for a, b in zip(starts, np.r_[starts[1:], len(ids)]):
+            episode_id = str(ids[a])
+            if episode_id in self.done:
+                logger.debug("dropped a repeat of finished episode %s", episode_id)
+                continue
+            info = self.info[episode_id]
+            if episode_id not in self.partial:
+                self.partial[episode_id] = (
+                    np.empty((info.num_frames, visual.shape[1]), np.float32),
+                    np.zeros(info.num_frames, bool),
+                )
+            frames, filled = self.partial[episode_id]
+            frames[index[a:b]] = visual[a:b]
+            filled[index[a:b]] = True
+            if filled.all():
+                del self.partial[episode_id]
+                self.done.add(episode_id)
+                finished.append((info, frames))
+        return finished
+
+    def unfinished(self) -> list[EpisodeInfo]:
+        """Episodes not (fully) delivered: their frames failed to read."""
+        return [info for eid, info in self.info.items() if eid not in self.done]
+
+
+def non_finite_problem(info: EpisodeInfo, visual: np.ndarray) -> EpisodeProblem | None:
+    finite = np.isfinite(visual).all(axis=1)
+    if finite.all():
+        return None
+    reason = f"non-finite visual embedding at frame {int(np.argmin(finite))}"
+    return EpisodeProblem(info.source_file, info.episode_id, "visual_embedding", reason)
+
+
+def episode_table(
+    rows: list[tuple[EpisodeInfo, np.ndarray]], language: dict[str, np.ndarray]
+) -> pa.Table:
+    """Finished episodes -> rows of ``schema.EPISODE_SCHEMA`` (columns built in one go)."""
+    infos = [info for info, _ in rows]
+    lengths = np.array([info.num_frames for info in infos], np.int64)
+    visual_offsets = np.r_[0, np.cumsum([frames.size for _, frames in rows])].astype(np.int64)
+    visual = np.concatenate([frames.ravel() for _, frames in rows])
+    progress = [(np.arange(T, dtype=np.float32) + 1) / T for T in lengths]
+    lang = [np.asarray(language[info.prompt], np.float32) for info in infos]
+    columns = {
+        "episode_id": pa.array([i.episode_id for i in infos], pa.string()),
+        "source_file": pa.array([i.source_file for i in infos], pa.string()),
+        "num_frames": pa.array(lengths.astype(np.int32)),
+        "prompt": pa.array([i.prompt for i in infos], pa.string()),
+        "success": pa.array([i.success for i in infos], pa.bool_()),
+        "stage_boundaries": pa.array(
+            [list(i.stage_boundaries) for i in infos], pa.list_(pa.int32())
+        ),
+        "visual_embedding": pa.LargeListArray.from_arrays(
+            pa.array(visual_offsets), pa.array(visual)
+        ),
+        "language_embedding": _list_array(lang),
+        "progress": _list_array(progress),
     }
-    return pa.Table.from_pydict(row, schema=schema.EPISODE_SCHEMA)
+    return pa.Table.from_pydict(columns, schema=schema.EPISODE_SCHEMA)
 
 
-@dataclass
-class EmbedResult:
-    output: str
-    num_episodes: int
-    num_frames: int
-    seconds: float
-
-    @property
-    def frames_per_second(self) -> float:
-        return self.num_frames / max(self.seconds, 1e-9)
+def _list_array(arrays: list[np.ndarray]) -> pa.ListArray:
+    offsets = np.r_[0, np.cumsum([len(a) for a in arrays])].astype(np.int32)
+    values = np.concatenate(arrays) if arrays else np.zeros(0, np.float32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(np.float32)))
 
 
-def _scan_inputs(cfg: Config) -> list[EpisodeInfo]:
-    files = list_hdf5_files(cfg.embed.input)
-    episodes, problems = scan_episodes(files, cfg.embed.camera, cfg.embed.prompt)
-    if problems:
-        raise InvalidEpisodesError(problems)
-    logger.info(
-        "embedding %d episodes (%d frames) from %d file(s) with backbone '%s'",
-        len(episodes),
-        sum(e.num_frames for e in episodes),
-        len(files),
-        cfg.backbone.name,
-    )
-    return episodes
+# --------------------------------------------------------------------------- the work folder
 
 
-def _prepare_output(output: str, overwrite: bool) -> str:
-    if os.path.exists(output) and not overwrite:
-        raise FileExistsError(f"{output} exists; pass --embed.overwrite true to replace it")
-    parent = os.path.dirname(os.path.abspath(output))
-    os.makedirs(parent, exist_ok=True)
-    return _sibling(output, "partial")
+def partial_dir(output: str) -> str:
+    """Where a run on ``output`` keeps its progress: a fixed name, so a rerun finds it."""
+    parent, name = os.path.split(os.path.abspath(output))
+    return os.path.join(parent, f".{name}.{PARTIAL_SUFFIX}")
+
+
+class ResumeError(ValueError):
+    """An unfinished run's folder that this run can't continue."""
+
+
+class WorkFolder:
+    """The ``.partial`` folder of one output: committed shards, the lock, publishing."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.shards = os.path.join(path, schema.SHARDS_DIR)
+        self.tmp = os.path.join(path, "tmp")
+        self._lock_fd: int | None = None
+
+    def open(self, settings: dict[str, Any], overwrite: bool) -> WorkFolder:
+        os.makedirs(self.path, exist_ok=True)
+        self._lock()
+        try:
+            self._prepare(settings, overwrite)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _prepare(self, settings: dict[str, Any], overwrite: bool) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)  # shards a killed run was writing
+        previous = self._read_json(RUN_NAME)
+        if previous is not None and previous != settings:
+            if not overwrite:
+                raise ResumeError(
+                    f"{self.path} holds an unfinished embedding with other settings "
+                    f"({_settings_diff(previous, settings)}); pass --embed.overwrite true to "
+                    "discard it"
+                )
+            self.clear()
+        for folder in (self.shards, self.tmp):
+            os.makedirs(folder, exist_ok=True)
+        self._write_json(RUN_NAME, settings)
+
+    def _lock(self) -> None:
+        # flock on the folder itself: released by the OS when the process dies, and the
+        # final rename carries it away, so no stale lock file is ever left behind.
+        self._lock_fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.close()
+            raise FileExistsError(f"another embedding run is writing {self.path}") from None
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def clear(self) -> None:
+        """Drop all progress (keep the folder, which holds the lock, and the settings)."""
+        for name in os.listdir(self.path):
+            if name == RUN_NAME:
+                continue
+            target = os.path.join(self.path, name)
+            shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+        for folder in (self.shards, self.tmp):
+            os.makedirs(folder, exist_ok=True)
+
+    def committed(self) -> pa.Table:
+        """episode_id, source_file, num_frames of every committed shard (no embeddings)."""
+        names = sorted(n for n in os.listdir(self.shards) if n.endswith(".parquet"))
+        columns = ["episode_id", "source_file", "num_frames"]
+        tables = [pq.read_table(os.path.join(self.shards, n), columns=columns) for n in names]
+        if not tables:
+            return schema.EPISODE_SCHEMA.empty_table().select(columns)
+        return pa.concat_tables(tables)
+
+    def has_progress(self) -> bool:
+        return bool(os.listdir(self.shards)) or os.path.exists(self._file(FAILURES_NAME))
+
+    def commit(self, table: pa.Table, name: str) -> None:
+        """Write ``table`` as ``shards/<name>``: fully there or not at all."""
+        tmp = os.path.join(self.tmp, name)
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the rename must not outlive the data on a power cut
+        os.replace(tmp, os.path.join(self.shards, name))
+
+    def write_failures(self, problems: list[EpisodeProblem]) -> None:
+        rows = [
+            {"episode": p.episode, "file": p.file, "key": p.key, "reason": p.reason}
+            for p in problems
+        ]
+        self._write_json(FAILURES_NAME, rows)
+
+    def publish(self, output: str) -> None:
+        """Drop the run's bookkeeping, then rename the folder to ``output``."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        os.remove(self._file(RUN_NAME))
+        _publish(self.path, output)
+
+    def _file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def _read_json(self, name: str) -> Any:
+        if not os.path.exists(self._file(name)):
+            return None
+        with open(self._file(name)) as f:
+            return json.load(f)
+
+    def _write_json(self, name: str, data: Any) -> None:
+        tmp = self._file(f".{name}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, self._file(name))
+
+
+def _settings_diff(old: dict, new: dict) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
 
 
 def _sibling(output: str, tag: str) -> str:
@@ -208,45 +474,333 @@ def _publish(partial: str, output: str) -> None:
         os.remove(old)
 
 
-def _shuffle_partitions(num_episodes: int, episodes_per_shard: int) -> int:
-    """Hash partitions for regrouping frames into episodes: about one shard file each.
-
-    Ray's default (200) starts up to 128 aggregator actors, which on a small cluster costs
-    far more than embedding a small dataset, and writes up to 200 tiny files."""
-    return max(1, math.ceil(num_episodes / max(1, episodes_per_shard)))
+# --------------------------------------------------------------------------- writing shards
 
 
-def build_dataset(cfg: Config, episodes: list[EpisodeInfo], language: dict[str, np.ndarray]):
+class ShardWriter:
+    """Buffers finished episodes; commits every ``episodes_per_shard`` of them as one shard.
+
+    Writing happens in one background thread (pyarrow releases the GIL), so the driver keeps
+    draining the pipeline meanwhile; at most one shard waits to be written, which bounds the
+    memory to about two shards."""
+
+    def __init__(self, work: WorkFolder, facts: BackboneFacts, episodes_per_shard: int):
+        self.work = work
+        self.facts = facts  # the prompt vectors: needed from the first commit on
+        self.episodes_per_shard = max(1, episodes_per_shard)
+        self.rows: list[tuple[EpisodeInfo, np.ndarray]] = []
+        self.bytes = 0
+        self.run_id = uuid.uuid4().hex[:8]
+        self.count = 0
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
+        self.pending: Future | None = None
+
+    def add(self, info: EpisodeInfo, visual: np.ndarray) -> None:
+        self.rows.append((info, visual))
+        self.bytes += visual.nbytes
+        if len(self.rows) >= self.episodes_per_shard or self.bytes >= _MAX_SHARD_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        self.wait()
+        if not self.rows:
+            return
+        rows, self.rows, self.bytes = self.rows, [], 0
+        name = f"part-{self.run_id}-{self.count:05d}.parquet"
+        self.count += 1
+        self.pending = self.pool.submit(self._commit, rows, name)
+
+    def _commit(self, rows: list, name: str) -> None:
+        language = self.facts.get()[0]
+        self.work.commit(episode_table(rows, language), name)
+        logger.debug("committed %s (%d episodes)", name, len(rows))
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()  # re-raises a failed write here
+
+    def close(self) -> None:
+        """Commit what is buffered and stop."""
+        try:
+            self.flush()
+            self.wait()
+        finally:
+            self.pool.shutdown(wait=True)
+
+    def close_after_error(self) -> None:
+        """The run failed elsewhere: still commit the finished episodes (whole episodes are
+        valid commits, and the rerun then need not redo them), without hiding that error."""
+        try:
+            self.close()
+        except Exception as err:
+            logger.warning("could not commit the last finished episodes: %s", err)
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """A log line every ``every_s`` seconds: episodes and frames done, frames/s, ETA."""
+
+    def __init__(self, episodes: list[EpisodeInfo], skipped: int, every_s: float):
+        self.total_episodes = len(episodes) + skipped
+        self.total_frames = sum(e.num_frames for e in episodes)
+        self.skipped = skipped
+        self.every_s = every_s
+        self.start = time.perf_counter()
+        self.first: float | None = None  # when the first embeddings arrived
+        self.last_log = self.start
+        self.frames = 0
+        self.episodes = 0
+
+    def update(self, frames: int, episodes: int) -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+            logger.info("first embeddings after %.1f s of start-up", now - self.start)
+        self.frames += frames
+        self.episodes += episodes
+        if now - self.last_log >= self.every_s:
+            self.last_log = now
+            self.log(now)
+
+    def log(self, now: float | None = None) -> None:
+        now = now or time.perf_counter()
+        rate = self.frames / max(now - (self.first or now), 1e-9)
+        left = self.total_frames - self.frames
+        eta = _duration(left / rate) if rate > 0 else "?"
+        logger.info(
+            "embedded %d/%d episodes (%s earlier), %d/%d frames, %.0f frames/s, ETA %s",
+            self.episodes + self.skipped,
+            self.total_episodes,
+            self.skipped,
+            self.frames,
+            self.total_frames,
+            rate,
+            eta,
+        )
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def _actor_pool(ecfg: EmbedConfig) -> ray.data.ActorPoolStrategy:
+    size = ecfg.num_actors
+    if size <= 0:  # one per GPU (or one on CPU)
+        gpus = ray.cluster_resources().get("GPU", 0.0)
+        per_actor = ecfg.num_gpus_per_actor
+        size = max(1, int(gpus // per_actor)) if per_actor > 0 else 1
+    # Four batches queued per actor (Ray's default: two) keep it busy while the executor
+    # loop notices a finished batch and sends the next: measured 95% busy instead of 89%.
+    queue = {"max_tasks_in_flight_per_actor": _BATCHES_QUEUED_PER_ACTOR}
+    if ecfg.max_actors > size:
+        return ray.data.ActorPoolStrategy(min_size=size, max_size=ecfg.max_actors, **queue)
+    return ray.data.ActorPoolStrategy(size=size, **queue)
+
+
+def _read_tasks(episodes: list[EpisodeInfo], frames_per_block: int) -> int:
+    """About ``_BLOCKS_PER_READ_TASK`` blocks per read task, and at least two tasks per CPU.
+
+    Ray Data's default (200 tasks for a few hundred episodes) makes one-episode tasks whose
+    scheduling costs more than reading them; a task streams its blocks as it reads, so
+    longer tasks cost no memory."""
+    blocks = sum(e.num_frames for e in episodes) / max(1, frames_per_block)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    wanted = max(math.ceil(blocks / _BLOCKS_PER_READ_TASK), 2 * cpus)
+    return max(1, min(len(episodes), wanted))
+
+
+@contextlib.contextmanager
+def _blocks_as_read(episodes: list[EpisodeInfo], frames_per_block: int) -> Iterator[None]:
+    """Datasets created inside pass the read tasks' blocks on as they are.
+
+    Ray Data merges the blocks a task yields until they reach ``target_max_block_size``
+    (128 MiB): a read task of 64x64 frames would then hand over one 8,000-frame block at its
+    end, so the actors would wait for whole read tasks, and batches would be re-sliced. A
+    block is passed on once it exceeds the target and sliced once it exceeds 1.5x the target:
+    a target of 0.8x our block size passes each block on, whole. (A Dataset keeps the
+    DataContext it was created under.)"""
+    frame_bytes = max(int(np.prod(e.frame_shape)) for e in episodes)
+    ctx = ray.data.DataContext.get_current()
+    previous = ctx.target_max_block_size
+    ctx.target_max_block_size = max(1, int(0.8 * frames_per_block * frame_bytes))
+    try:
+        yield
+    finally:
+        ctx.target_max_block_size = previous
+
+
+def build_dataset(cfg: Config, episodes: list[EpisodeInfo]) -> ray.data.Dataset:
+    """Frame embeddings of ``episodes``: rows of episode_id, frame_index, visual_embedding."""
+    with _blocks_as_read(episodes, cfg.embed.frames_per_block):
+        return _embedding_dataset(cfg, episodes)
+
+
+def _embedding_dataset(cfg: Config, episodes: list[EpisodeInfo]) -> ray.data.Dataset:
     ecfg = cfg.embed
     frames = ray.data.read_datasource(
-        HDF5EpisodeDatasource(episodes, ecfg.camera, ecfg.frames_per_block)
+        HDF5EpisodeDatasource(episodes, ecfg.camera, ecfg.frames_per_block),
+        override_num_blocks=_read_tasks(episodes, ecfg.frames_per_block),
     )
-    embedded = frames.map_batches(
-        FrameEmbedder,
-        fn_constructor_kwargs={"backbone_cfg": cfg.backbone},
-        batch_size=ecfg.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=ecfg.num_actors),
-        num_gpus=ecfg.num_gpus_per_actor,
-        num_cpus=ecfg.num_cpus_per_actor,
-    )
-    by_id = {e.episode_id: e for e in episodes}
-    groups = _shuffle_partitions(len(episodes), ecfg.episodes_per_shard)
-    return embedded.groupby("episode_id", num_partitions=groups).map_groups(
-        assemble_episode,
-        fn_kwargs={"episodes": by_id, "language": language},
-        batch_format="numpy",
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for actor fault tolerance yet; the only way to
+        # bound restarts (Ray Data's default is unlimited: a batch that kills its actor
+        # every time would loop forever) is the deprecated **ray_remote_args.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        return frames.map_batches(
+            FrameEmbedder,
+            fn_constructor_kwargs={
+                "backbone_cfg": cfg.backbone,
+                "torch_threads": ecfg.torch_threads,
+            },
+            batch_size=ecfg.batch_size,
+            batch_format="numpy",
+            compute=_actor_pool(ecfg),
+            num_gpus=ecfg.num_gpus_per_actor,
+            num_cpus=ecfg.num_cpus_per_actor,
+            max_restarts=ecfg.max_actor_restarts,
+            max_task_retries=ecfg.max_actor_restarts,
+        )
 
 
-def _write_manifest(path: str, cfg: Config, episodes: list[EpisodeInfo], dims: dict) -> None:
+def _embed_episodes(
+    cfg: Config,
+    episodes: list[EpisodeInfo],
+    writer: ShardWriter,
+    progress: Progress,
+) -> list[EpisodeProblem]:
+    """Stream ``episodes`` through the pipeline into ``writer``; the episodes that failed."""
+    assembler = EpisodeAssembler(episodes)
+    failures: list[EpisodeProblem] = []
+    dataset = build_dataset(cfg, episodes)
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        writer.facts.start()  # no-op after the first batch
+        finished = assembler.add(batch)
+        for info, visual in finished:
+            problem = non_finite_problem(info, visual)
+            if problem is not None:
+                logger.warning("%s", problem)
+                failures.append(problem)
+            else:
+                writer.add(info, visual)
+        progress.update(len(batch["frame_index"]), len(finished))
+    return failures + _diagnose(assembler.unfinished(), cfg.embed.camera)
+
+
+def _diagnose(episodes: list[EpisodeInfo], camera: str) -> list[EpisodeProblem]:
+    """Why episodes' frames did not all arrive (the read tasks skip episodes that fail)."""
+    if not episodes:
+        return []
+    reasons = ray.get([ray.remote(read_error).remote(info, camera) for info in episodes])
+    problems = []
+    for info, reason in zip(episodes, reasons):
+        reason = reason or "frames were not all delivered (a read failed; rerun to retry)"
+        problems.append(EpisodeProblem(info.source_file, info.episode_id, camera, reason))
+        logger.warning("%s", problems[-1])
+    return problems
+
+
+def _scan_chunk(files: list[str], camera: str, prompt: str | None) -> list[tuple[list, list]]:
+    return [scan_file(file, camera, prompt) for file in files]
+
+
+def _scan_inputs(
+    ecfg: EmbedConfig, files: list[str]
+) -> tuple[list[EpisodeInfo], list[EpisodeProblem]]:
+    """Every episode's metadata: one file here, several in parallel Ray tasks."""
+    if len(files) == 1:
+        return scan_episodes(files, ecfg.camera, ecfg.prompt)
+    n_chunks = min(len(files), _MAX_SCAN_TASKS)
+    chunks = [files[i::n_chunks] for i in range(n_chunks)]
+    task = ray.remote(_scan_chunk)
+    results = ray.get([task.remote(chunk, ecfg.camera, ecfg.prompt) for chunk in chunks])
+    by_file = {file: scan for chunk, res in zip(chunks, results) for file, scan in zip(chunk, res)}
+    return merge_scans(by_file[file] for file in files)  # file order decides duplicate ids
+
+
+def _resume_state(work: WorkFolder, episodes: list[EpisodeInfo], overwrite: bool) -> set[str]:
+    """Episode ids already committed; checks they still match the input."""
+    committed = work.committed()
+    ids = committed.column("episode_id").to_pylist()
+    if len(ids) != len(set(ids)):
+        raise RuntimeError(f"{work.shards}: an episode is in two shards; the folder is damaged")
+    now = {e.episode_id: (e.source_file, e.num_frames) for e in episodes}
+    then = zip(
+        committed.column("source_file").to_pylist(), committed.column("num_frames").to_pylist()
+    )
+    stale = [eid for eid, was in zip(ids, then) if now.get(eid) != was]
+    if stale and not overwrite:
+        raise ResumeError(
+            f"{work.path} holds {len(stale)} episode(s) that are not in the input as they were "
+            f"(e.g. {stale[:3]}); pass --embed.overwrite true to start again"
+        )
+    if stale:
+        logger.warning("discarding %s: the input changed since it was started", work.path)
+        work.clear()
+        return set()
+    if ids:
+        logger.info("resuming %s: %d episode(s) already embedded", work.path, len(ids))
+    return set(ids)
+
+
+def failed_episodes(problems: list[EpisodeProblem]) -> int:
+    """Distinct (file, episode) pairs: an episode with two problems is one failed episode."""
+    return len({(p.file, p.episode) for p in problems})
+
+
+def _check_failures(problems: list[EpisodeProblem], ecfg: EmbedConfig, work: WorkFolder) -> None:
+    n_failed = failed_episodes(problems)
+    if not n_failed:
+        return
+    if ecfg.max_failed_episodes < 0 or n_failed <= ecfg.max_failed_episodes:
+        logger.warning(
+            "%d episode(s) failed (allowed: %s); listed in %s",
+            n_failed,
+            "any" if ecfg.max_failed_episodes < 0 else ecfg.max_failed_episodes,
+            FAILURES_NAME,
+        )
+        return
+    note = (
+        f"{n_failed} episode(s) failed, more than embed.max_failed_episodes="
+        f"{ecfg.max_failed_episodes}; nothing published. The other episodes are kept in "
+        f"{work.path} (failures in {FAILURES_NAME} there): fix or remove the bad input, or "
+        "raise embed.max_failed_episodes, and rerun to resume."
+    )
+    raise InvalidEpisodesError(problems, note=note)
+
+
+def _check_written(work: WorkFolder, expected: list[EpisodeInfo]) -> None:
+    """Every episode that did not fail written exactly once (reads only the id column)."""
+    written = work.committed().column("episode_id").to_pylist()
+    wanted = sorted(e.episode_id for e in expected)
+    if sorted(written) != wanted:
+        missing = sorted(set(wanted) - set(written))[:5]
+        raise RuntimeError(
+            f"wrote {len(written)} episode rows ({len(set(written))} distinct), expected "
+            f"{len(wanted)}; missing e.g. {missing}"
+        )
+
+
+def _write_manifest(
+    path: str, cfg: Config, episodes: list[EpisodeInfo], dims: dict, num_failed: int
+) -> None:
     manifest: dict[str, Any] = {
-        "format": "rayrm.embeddings/1",
+        "format": FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "backbone": asdict(cfg.backbone),
         "camera": cfg.embed.camera,
         **dims,
         "num_episodes": len(episodes),
         "num_frames": sum(e.num_frames for e in episodes),
+        "num_failed_episodes": num_failed,
+        "failures": FAILURES_NAME,
         "input_files": sorted({e.source_file for e in episodes}),
         "shards": sorted(os.listdir(os.path.join(path, schema.SHARDS_DIR))),
     }
@@ -254,17 +808,107 @@ def _write_manifest(path: str, cfg: Config, episodes: list[EpisodeInfo], dims: d
         json.dump(manifest, f, indent=2)
 
 
-def _check_written(path: str, episodes: list[EpisodeInfo]) -> None:
-    """Every input episode written exactly once (reads only the id column back)."""
-    ids = pq.read_table(os.path.join(path, schema.SHARDS_DIR), columns=["episode_id"])
-    written = ids.column("episode_id").to_pylist()
-    expected = sorted(e.episode_id for e in episodes)
-    if sorted(written) != expected:
-        missing = sorted(set(expected) - set(written))[:5]
-        raise RuntimeError(
-            f"wrote {len(written)} episode rows ({len(set(written))} distinct), expected "
-            f"{len(expected)}; missing e.g. {missing}"
-        )
+def _settings(cfg: Config) -> dict[str, Any]:
+    """What decides the embeddings: a rerun resumes only when these are unchanged."""
+    return {
+        "format": FORMAT,
+        "backbone": asdict(cfg.backbone),
+        "camera": cfg.embed.camera,
+        "prompt": cfg.embed.prompt,
+    }
+
+
+@contextlib.contextmanager
+def _work_folder(output: str, cfg: Config) -> Iterator[WorkFolder]:
+    """The locked ``.partial`` folder; removed on failure when it holds nothing to resume."""
+    work = WorkFolder(partial_dir(output)).open(_settings(cfg), cfg.embed.overwrite)
+    try:
+        yield work
+    except BaseException:
+        if os.path.isdir(work.path) and not work.has_progress():  # still ours: we hold the lock
+            shutil.rmtree(work.path, ignore_errors=True)
+        raise
+    finally:
+        work.close()
+
+
+@dataclass
+class EmbedResult:
+    output: str
+    num_episodes: int  # in the output
+    num_frames: int  # in the output
+    seconds: float
+    embedded_frames: int = 0  # by this run (a resumed run skips the earlier ones)
+    num_failed: int = 0
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.embedded_frames / max(self.seconds, 1e-9)
+
+
+def _check_output(output: str, overwrite: bool) -> None:
+    if is_url(output):  # the commit protocol needs atomic renames on one file system
+        raise ValueError(f"embed.output must be a local or mounted path, got {output}")
+    if os.path.exists(output) and not overwrite:
+        raise FileExistsError(f"{output} exists; pass --embed.overwrite true to replace it")
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+
+
+def _scan(ecfg: EmbedConfig, backbone: str) -> tuple[list[EpisodeInfo], list[EpisodeProblem]]:
+    files = list_hdf5_files(ecfg.input)
+    episodes, failures = _scan_inputs(ecfg, files)
+    for problem in failures:
+        logger.warning("%s", problem)
+    logger.info(
+        "%d episodes (%d frames) in %d file(s), %d failed the checks; backbone '%s'",
+        len(episodes),
+        sum(e.num_frames for e in episodes),
+        len(files),
+        failed_episodes(failures),
+        backbone,
+    )
+    return episodes, failures
+
+
+def _embed_into(
+    work: WorkFolder, cfg: Config, episodes: list[EpisodeInfo], facts: BackboneFacts
+) -> tuple[list[EpisodeProblem], int]:
+    """Embed the episodes ``work`` lacks; their failures and the frames embedded."""
+    ecfg = cfg.embed
+    done = _resume_state(work, episodes, ecfg.overwrite)
+    todo = [e for e in episodes if e.episode_id not in done]
+    progress = Progress(todo, len(done), ecfg.progress_every_s)
+    writer = ShardWriter(work, facts, ecfg.episodes_per_shard)
+    failures: list[EpisodeProblem] = []
+    try:
+        if todo:
+            failures = _embed_episodes(cfg, todo, writer, progress)
+    except BaseException:
+        writer.close_after_error()
+        raise
+    writer.close()
+    progress.log()
+    return failures, progress.frames
+
+
+def _finish(
+    work: WorkFolder,
+    cfg: Config,
+    episodes: list[EpisodeInfo],
+    failures: list[EpisodeProblem],
+    facts: BackboneFacts,
+) -> list[EpisodeInfo]:
+    """Failures table, limit, exactly-once check, manifest, publish; the episodes written."""
+    work.write_failures(failures)
+    _check_failures(failures, cfg.embed, work)
+    failed = {(p.file, p.episode) for p in failures}
+    written = [e for e in episodes if (e.source_file, e.episode_id) not in failed]
+    _check_written(work, written)
+    _, visual_dim, language_dim = facts.get()
+    dims = {"visual_dim": visual_dim, "language_dim": language_dim}
+    _write_manifest(work.path, cfg, written, dims, failed_episodes(failures))
+    work.publish(cfg.embed.output)
+    return written
 
 
 def run_embed(cfg: Config) -> EmbedResult:
@@ -272,32 +916,28 @@ def run_embed(cfg: Config) -> EmbedResult:
     start = time.perf_counter()
     ecfg = cfg.embed
     backbone_class(cfg.backbone.name)  # an unknown name fails here, before any work
-    episodes = _scan_inputs(cfg)
-    partial = _prepare_output(ecfg.output, ecfg.overwrite)
-    try:
-        prompts = sorted({e.prompt for e in episodes})
-        prompt_task = ray.remote(describe_backbone).options(
-            num_gpus=ecfg.num_gpus_per_actor, num_cpus=ecfg.num_cpus_per_actor
-        )
-        language, visual_dim, language_dim = ray.get(prompt_task.remote(cfg.backbone, prompts))
-        dataset = build_dataset(cfg, episodes, language)
-        dataset.write_parquet(
-            os.path.join(partial, schema.SHARDS_DIR), min_rows_per_file=ecfg.episodes_per_shard
-        )
-        _check_written(partial, episodes)
-        dims = {"visual_dim": visual_dim, "language_dim": language_dim}
-        _write_manifest(partial, cfg, episodes, dims)
-        _publish(partial, ecfg.output)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    seconds = time.perf_counter() - start
-    result = EmbedResult(ecfg.output, len(episodes), sum(e.num_frames for e in episodes), seconds)
+    _check_output(ecfg.output, ecfg.overwrite)
+    episodes, failures = _scan(ecfg, cfg.backbone.name)
+    facts = BackboneFacts(cfg, episodes)
+    with _work_folder(ecfg.output, cfg) as work:
+        new_failures, embedded = _embed_into(work, cfg, episodes, facts)
+        failures += new_failures
+        written = _finish(work, cfg, episodes, failures, facts)
+    result = EmbedResult(
+        output=ecfg.output,
+        num_episodes=len(written),
+        num_frames=sum(e.num_frames for e in written),
+        seconds=time.perf_counter() - start,
+        embedded_frames=embedded,
+        num_failed=failed_episodes(failures),
+    )
     logger.info(
-        "wrote %d episodes (%d frames) to %s in %.1f s (%.0f frames/s)",
+        "wrote %d episodes (%d frames; %d embedded now) to %s in %.1f s (%.0f frames/s)",
         result.num_episodes,
         result.num_frames,
+        result.embedded_frames,
         result.output,
-        seconds,
+        result.seconds,
         result.frames_per_second,
     )
     return result

@@ -2,8 +2,13 @@
 
 The demo answers the first question a user has: does the model see anything? It trains the
 same model twice, once on the embeddings and once on all-zero inputs (the blind control), and
-reports the same metrics for both, on held-out episodes, for plain prefix curves and for the
-seed's chained curves.
+reports the same metrics for both, on held-out episodes, for every curve kind (plain prefix,
+the seed's chaining, streaming causal), in one report (``<workdir>/eval/report.html``).
+
+With ``model.num_stages > 0`` (``configs/demo_sarm.yaml``) it runs the stage pipeline too:
+``rayrm synth`` writes the ground-truth boundaries of its successful episodes as a stage JSON
+(``<raw>/stages.json``, the seed's form), ``rayrm annotate`` applies it to the shards, and the
+SARM model is trained and evaluated on them (stage accuracy, stage bands in the figures).
 """
 
 from __future__ import annotations
@@ -12,34 +17,59 @@ import dataclasses
 import logging
 import os
 import shutil
+from pathlib import Path
 from typing import Any
 
 from rayrm.config import Config, resolve_paths
 from rayrm.data.synthetic import write_synthetic_dataset
-from rayrm.embed import run_embed
-from rayrm.evaluate.report import write_json
-from rayrm.evaluate.run import run_evaluate
-from rayrm.train.trainer import run_train
 
 logger = logging.getLogger(__name__)
 
 DEMO_MARKER = ".rayrm-demo"  # a workdir holding this was made by the demo and may be replaced
 
 
-def train_and_evaluate(cfg: Config, title: str) -> dict[str, Any]:
+def run_synth(cfg: Config) -> Path:
+    """Synthetic episodes, and beside them ``stages.json``: the ground-truth boundaries of the
+    successful episodes in the seed's stage-JSON form, ready for ``rayrm annotate``."""
+    from rayrm.annotate.labels import stage_json_from_hdf5, write_stage_json
+
+    path = write_synthetic_dataset(cfg.synth)
+    stages = write_stage_json(str(path.with_name("stages.json")), stage_json_from_hdf5([str(path)]))
+    logger.info("wrote %s and %s", path, stages)
+    return path
+
+
+def train_and_evaluate(cfg: Config, title: str, blind_checkpoint: str | None = None) -> dict:
+    from rayrm.evaluate.run import run_evaluate
+    from rayrm.train.trainer import run_train
+
     trained = run_train(cfg)
-    evaluated = run_evaluate(cfg, checkpoint=trained.best_checkpoint, title=title)
+    evaluated = run_evaluate(
+        cfg, checkpoint=trained.best_checkpoint, title=title, blind_checkpoint=blind_checkpoint
+    )
     return {
         "checkpoint": trained.best_checkpoint,
         "metrics_json": evaluated.metrics_path,
         "plot": evaluated.plot_path,
+        "report": evaluated.report_path,
         "curves": evaluated.metrics["curves"],
+        "blind_control": evaluated.metrics["blind_control"],
     }
 
 
+def annotate_if_staged(cfg: Config) -> None:
+    if cfg.model.num_stages > 0:
+        from rayrm.annotate.labels import run_annotate
+
+        run_annotate(cfg.annotate)
+
+
 def run_pipeline(cfg: Config) -> dict[str, Any]:
-    """embed -> train -> evaluate with the paths in ``cfg`` (already resolved)."""
+    """embed [-> annotate] -> train -> evaluate with the paths in ``cfg`` (already resolved)."""
+    from rayrm.embed import run_embed
+
     run_embed(cfg)
+    annotate_if_staged(cfg)
     return train_and_evaluate(cfg, title="reward model")
 
 
@@ -62,18 +92,28 @@ def _prepare_workdir(path: str) -> None:
 
 
 def run_demo(cfg: Config) -> dict[str, Any]:
+    from rayrm.embed import run_embed
+    from rayrm.evaluate.report import write_json
+    from rayrm.train.trainer import run_train
+
     cfg = resolve_paths(cfg)
     _prepare_workdir(cfg.workdir)
-    write_synthetic_dataset(cfg.synth)
+    run_synth(cfg)
     embedded = run_embed(cfg)
-    model = train_and_evaluate(cfg, title="reward model (tiny backbone)")
-    blind = train_and_evaluate(blind_variant(resolve_paths(cfg)), title="blind control")
+    annotate_if_staged(cfg)
+    blind = run_train(blind_variant(cfg))  # first, so the model's report shows it beside
+    kind = f"SARM, {cfg.model.num_stages} stages" if cfg.model.num_stages else "continuous"
+    model = train_and_evaluate(
+        cfg,
+        title=f"reward model ({kind}, {cfg.backbone.name} backbone)",
+        blind_checkpoint=blind.best_checkpoint,
+    )
     summary = {
         "raw_episodes": cfg.synth.output,
         "embeddings": embedded.output,
         "embed_frames_per_s": embedded.frames_per_second,
-        "model": model,
-        "blind_control": blind,
+        "model": {k: v for k, v in model.items() if k != "blind_control"},
+        "blind_control": {"checkpoint": blind.best_checkpoint, "curves": model["blind_control"]},
     }
     write_json(os.path.join(cfg.workdir, "summary.json"), summary)
     log_summary(summary, os.path.join(cfg.workdir, "summary.json"))
@@ -81,33 +121,20 @@ def run_demo(cfg: Config) -> dict[str, Any]:
 
 
 def log_summary(summary: dict[str, Any], path: str) -> None:
-    rows = [
-        ("VOC, expert episodes", "voc_expert"),
-        ("AUROC success vs failure (final value)", "auroc_success_vs_failure"),
-        ("MSE to (t+1)/T, expert episodes", "mse_expert"),
-        ("mean final value, expert", "final_expert_mean"),
-        ("mean final value, failure", "final_failure_mean"),
-    ]
-    lines = [f"{'held-out episodes':42s} {'model':>8s} {'blind':>8s}"]
-    for kind in ("prefix", "chained"):
-        lines.append(f"-- {kind} curves")
-        for label, key in rows:
-            a = summary["model"]["curves"][kind][key]
-            b = summary["blind_control"]["curves"][kind][key]
-            lines.append(f"{label:42s} {_fmt(a):>8s} {_fmt(b):>8s}")
-    logger.info("demo results\n%s", "\n".join(lines))
+    from rayrm.evaluate.run import metrics_lines
+
+    lines = metrics_lines(summary["model"]["curves"], summary["blind_control"]["curves"])
+    logger.info("demo results (held-out episodes)\n%s", "\n".join(lines))
     logger.info(
         "outputs:\n  raw episodes   %s\n  embeddings     %s\n  model          %s\n"
-        "  metrics        %s\n  plot           %s\n  blind control  %s\n  summary        %s",
+        "  blind control  %s\n  metrics        %s\n  summary figure %s\n  report         %s\n"
+        "  summary        %s",
         summary["raw_episodes"],
         summary["embeddings"],
         summary["model"]["checkpoint"],
+        summary["blind_control"]["checkpoint"],
         summary["model"]["metrics_json"],
         summary["model"]["plot"],
-        summary["blind_control"]["plot"],
+        summary["model"]["report"],
         path,
     )
-
-
-def _fmt(value) -> str:
-    return "n/a" if value is None or value != value else f"{value:.3f}"

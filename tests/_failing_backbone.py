@@ -14,13 +14,24 @@ insertion (``tests/``) happens only in the driver and does not help the workers.
 ``options["fail"]`` picks the failure:
 
 * ``"raise"``: ``embed_frames`` raises (the embedding stage fails before anything is written);
-* ``"nan"``: frames whose prompt contains ``"poison"`` embed to NaN, so assembling that one
-  episode fails while the other episodes reach the Parquet writer.
+* ``"nan"``: frames whose prompt contains ``"poison"`` embed to NaN, so that one episode fails
+  (a row of the failures table) while the other episodes reach the Parquet writer.
+
+Other options, for the resume and scale tests (embeddings stay those of ``tiny``):
+
+* ``"delay_s"``: sleep this long per batch, so a test can kill a run half-way;
+* ``"exit_on_batch": k`` with ``"exit_marker": path``: the k-th batch of an actor process
+  exits that process (``os._exit``, as a crash would), once: the marker file makes the
+  restarted actor carry on;
+* ``"record_dir": path``: each batch appends ``node_id pid frames`` to ``<path>/<pid>.txt``,
+  so a test sees which actors on which nodes did the work.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,8 +45,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class FailingBackbone(TinyBackbone):
+    batches = 0  # embed_frames calls of this instance (one instance per actor)
+
     def embed_frames(self, frames: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
-        mode = self.cfg.options.get("fail")
+        options = self.cfg.options
+        self.batches += 1
+        time.sleep(options.get("delay_s", 0.0))
+        if self.batches == options.get("exit_on_batch"):
+            exit_once(options["exit_marker"])
+        if options.get("record_dir"):
+            record(options["record_dir"], len(frames))
+        mode = options.get("fail")
         if mode == "raise":
             raise RuntimeError("FailingBackbone: embed_frames failed on purpose")
         visual = super().embed_frames(frames, prompts)
@@ -43,6 +63,21 @@ class FailingBackbone(TinyBackbone):
             poisoned = np.array(["poison" in p for p in prompts])
             visual[poisoned] = np.nan
         return visual
+
+
+def exit_once(marker: str) -> None:
+    """Exit this process at once (no cleanup, like a crash) unless ``marker`` exists."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    os._exit(1)
+
+
+def record(folder: str, n_frames: int) -> None:
+    node = ray.get_runtime_context().get_node_id()
+    with open(os.path.join(folder, f"{os.getpid()}.txt"), "a") as f:
+        f.write(f"{node} {os.getpid()} {n_frames}\n")
 
 
 def importable_everywhere(monkeypatch) -> None:

@@ -7,13 +7,21 @@ Checks the written rows against the raw HDF5 file and a direct backbone call, th
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import h5py
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from _embed_checks import (
+    assert_same_rows,
+    leftovers,
+    partial_ids,
+    read_failures,
+    read_json,
+    read_rows,
+    with_embed,
+)
 from _failing_backbone import NAME as FAILING_BACKBONE
 from _failing_backbone import importable_everywhere
 from conftest import make_config
@@ -24,19 +32,12 @@ from rayrm.backbones import Backbone, build_backbone, register_backbone
 from rayrm.backbones import base as backbones_base
 from rayrm.config import BackboneConfig
 from rayrm.data import schema
-from rayrm.data.hdf5 import HDF5EpisodeDatasource, scan_episodes
+from rayrm.data.hdf5 import HDF5EpisodeDatasource, InvalidEpisodesError, scan_episodes
 from rayrm.embed import FrameEmbedder, run_embed
 
 
-def read_rows(output: str) -> dict[str, dict]:
-    table = pq.read_table(os.path.join(output, schema.SHARDS_DIR))
-    rows = table.to_pylist()
-    return {row["episode_id"]: row for row in rows}
-
-
 def read_manifest(output: str) -> dict:
-    with open(os.path.join(output, schema.MANIFEST_NAME)) as f:
-        return json.load(f)
+    return read_json(output, schema.MANIFEST_NAME)
 
 
 def hdf5_episodes(path: str, camera: str = "side_cam") -> dict[str, dict]:
@@ -50,29 +51,6 @@ def hdf5_episodes(path: str, camera: str = "side_cam") -> dict[str, dict]:
             }
             for name, group in f.items()
         }
-
-
-def leftovers(folder) -> list[str]:
-    """Hidden work folders of an embedding run (``.<output>.partial-*`` / ``.old-*``)."""
-    return [n for n in os.listdir(folder) if ".partial-" in n or ".old-" in n]
-
-
-def with_embed(cfg, **changes):
-    return dataclasses.replace(cfg, embed=dataclasses.replace(cfg.embed, **changes))
-
-
-def assert_same_rows(actual: dict[str, dict], expected: dict[str, dict], skip=()) -> None:
-    assert sorted(actual) == sorted(expected)
-    for episode_id, row in actual.items():
-        for column in schema.EPISODE_SCHEMA.names:
-            if column in skip:
-                continue
-            if column == "visual_embedding":
-                np.testing.assert_allclose(
-                    row[column], expected[episode_id][column], atol=1e-5, err_msg=episode_id
-                )
-            else:
-                assert row[column] == expected[episode_id][column], (episode_id, column)
 
 
 # --------------------------------------------------------------------------- one run, read back
@@ -108,6 +86,7 @@ def test_shard_schema_and_manifest(tiny_run):
     assert manifest["input_files"] == [os.path.abspath(tiny_run.embed.input)]
     assert manifest["backbone"] == dataclasses.asdict(tiny_run.backbone)
     assert manifest["camera"] == "side_cam"
+    assert manifest["num_failed_episodes"] == 0 and read_failures(output) == []
 
 
 def test_embeddings_equal_a_direct_backbone_call(tiny_run):
@@ -141,10 +120,13 @@ def test_read_tasks_cover_each_frame_exactly_once(tiny_run, parallelism):
     seen = []
     for task in tasks:
         rows_in_task = 0
-        for block in task():
+        blocks = list(task())
+        for i, block in enumerate(blocks):
             batch = BlockAccessor.for_block(block).to_batch_format("numpy")
             ids, index, frames = batch["episode_id"], batch["frame_index"], batch["frame"]
-            assert len(ids) <= 5  # blocks are frame chunks, never whole episodes
+            # Full blocks spanning episodes (only a task's last block is shorter), never a
+            # whole long episode in one block.
+            assert len(ids) == 5 or (i == len(blocks) - 1 and len(ids) < 5)
             for episode_id, t, frame in zip(ids, index, frames):
                 np.testing.assert_array_equal(frame, raw[episode_id]["frames"][t])
             seen.extend(zip(ids.tolist(), index.tolist()))
@@ -269,7 +251,7 @@ def test_overwrite_replaces_the_old_output(tiny_run, tmp_path):
     output.mkdir()
     (output / "stale.txt").write_text("old")
     run_embed(with_embed(tiny_run, output=str(output), overwrite=True))
-    assert sorted(os.listdir(output)) == [schema.MANIFEST_NAME, schema.SHARDS_DIR]
+    assert sorted(os.listdir(output)) == ["failures.json", schema.MANIFEST_NAME, schema.SHARDS_DIR]
     assert_same_rows(read_rows(str(output)), read_rows(tiny_run.embed.output))
     assert leftovers(tmp_path) == []
 
@@ -283,9 +265,9 @@ def test_backbone_failure_in_the_actors_leaves_no_output(tiny_run, tmp_path, mon
     assert os.listdir(tmp_path) == []  # no output, no partial folder
 
 
-def test_failure_while_writing_shards_leaves_no_output(tiny_run, tmp_path, monkeypatch):
-    # One poisoned episode fails in the assemble step while the others are being written
-    # (several hash partitions, so several write tasks): the partial folder has shards in it.
+def test_non_finite_embeddings_fail_that_episode_only(tiny_run, tmp_path, monkeypatch):
+    # One poisoned episode embeds to NaN: it becomes a row of the failures table while the
+    # other episodes are embedded and committed; nothing is published (max_failed 0).
     importable_everywhere(monkeypatch)
     path = tmp_path / "raw.h5"
     with h5py.File(tiny_run.embed.input, "r") as src, h5py.File(path, "w") as dst:
@@ -295,10 +277,33 @@ def test_failure_while_writing_shards_leaves_no_output(tiny_run, tmp_path, monke
     out = tmp_path / "out"
     cfg = with_embed(tiny_run, input=str(path), output=str(out / "emb"), episodes_per_shard=2)
     backbone = dataclasses.replace(cfg.backbone, name=FAILING_BACKBONE, options={"fail": "nan"})
-    with pytest.raises(Exception, match="episode_0005") as err:
-        run_embed(dataclasses.replace(cfg, backbone=backbone))
-    assert "non-finite" in str(err.value)
-    assert os.listdir(out) == []
+    cfg = dataclasses.replace(cfg, backbone=backbone)
+    with pytest.raises(InvalidEpisodesError, match="episode_0005") as err:
+        run_embed(cfg)
+    [problem] = err.value.problems
+    assert (problem.file, problem.episode, problem.key) == (
+        str(path),
+        "episode_0005",
+        "visual_embedding",
+    )
+    assert "non-finite" in problem.reason
+    assert os.listdir(out) == [".emb.partial"]  # not published; the good episodes are kept
+    expected = sorted(set(read_rows(tiny_run.embed.output)) - {"episode_0005"})
+    assert partial_ids(cfg.embed.output) == expected
+    [row] = read_failures(out / ".emb.partial")
+    assert row["episode"] == "episode_0005" and row["key"] == "visual_embedding"
+
+    # Allowing one failure: the rerun resumes (only the failed episode is embedded again)
+    # and publishes the others with the failures table.
+    result = run_embed(with_embed(cfg, max_failed_episodes=1))
+    assert result.num_failed == 1 and result.num_episodes == len(expected)
+    assert result.embedded_frames == read_rows(tiny_run.embed.output)["episode_0005"]["num_frames"]
+    assert os.listdir(out) == ["emb"]
+    assert read_failures(out / "emb") == [row]
+    assert read_manifest(str(out / "emb"))["num_failed_episodes"] == 1
+    skip = {"source_file", "prompt", "language_embedding"}  # the file and one prompt differ
+    rows = read_rows(str(out / "emb"))
+    assert_same_rows(rows, {k: read_rows(tiny_run.embed.output)[k] for k in expected}, skip=skip)
 
 
 def test_failure_after_writing_keeps_the_old_output(tiny_run, tmp_path, monkeypatch):
@@ -306,16 +311,24 @@ def test_failure_after_writing_keeps_the_old_output(tiny_run, tmp_path, monkeypa
     output.mkdir()
     (output / "keep.txt").write_text("old")
     written = {}
+    real_write_manifest = rayrm.embed._write_manifest
 
     def broken_manifest(path, *args, **kwargs):
         written["shards"] = os.listdir(os.path.join(path, schema.SHARDS_DIR))
         raise OSError("disk full")
 
     monkeypatch.setattr(rayrm.embed, "_write_manifest", broken_manifest)
+    cfg = with_embed(tiny_run, output=str(output), overwrite=True)
     with pytest.raises(OSError, match="disk full"):
-        run_embed(with_embed(tiny_run, output=str(output), overwrite=True))
+        run_embed(cfg)
     assert written["shards"]  # the partial folder did hold shards when it failed
     assert os.listdir(output) == ["keep.txt"]
+    assert leftovers(tmp_path) == [".emb.partial"]  # kept: all its episodes are committed
+
+    monkeypatch.setattr(rayrm.embed, "_write_manifest", real_write_manifest)
+    result = run_embed(cfg)  # resumes with nothing left to embed, then replaces the old one
+    assert result.embedded_frames == 0 and result.num_episodes == tiny_run.synth.num_episodes
+    assert_same_rows(read_rows(str(output)), read_rows(tiny_run.embed.output))
     assert leftovers(tmp_path) == []
 
 

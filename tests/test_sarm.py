@@ -16,8 +16,9 @@ import torch
 
 from rayrm.data import schema
 from rayrm.data.shards import ShardError, episodes_from_table
+from rayrm.stages import stage_priors
 from rayrm.train.checkpoint import load_model
-from rayrm.train.trainer import run_train, stage_priors
+from rayrm.train.trainer import run_train
 from tests.conftest import make_config
 
 NUM_STAGES = 4

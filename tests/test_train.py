@@ -253,3 +253,15 @@ def test_learned_positions_for_every_token():
     assert out[0].unique().numel() == 5
     with pytest.raises(ValueError, match="positional"):
         RewardTransformer(dataclasses.replace(cfg, positional="sinusoid"), 4, 0)
+
+
+def test_tensorboard_tracker_writes_events(tmp_path):
+    from rayrm.train.tracking import Trackers, check_trackers
+
+    check_trackers(["tensorboard"])
+    with pytest.raises(ValueError, match="unknown logger"):
+        check_trackers(["neptune"])
+    trackers = Trackers(["tensorboard"], str(tmp_path), {})
+    trackers.log({"val_loss": 0.5}, step=1)
+    trackers.close()
+    assert glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))

@@ -1,21 +1,40 @@
 """Raw HDF5 episodes: find them, check them, and read their frames with Ray Data.
 
-The driver only reads metadata (:func:`scan_episodes`: group names, shapes, dtypes,
-attributes). Frames are read inside Ray Data read tasks by :class:`HDF5EpisodeDatasource`, in
-chunks of ``frames_per_block`` frames, so no frame passes through the driver and no block holds
-a whole long episode.
+Inputs are local paths or URLs (``s3://``, ``gs://``, ``hdfs://``, ``file://``): a file, a
+folder of ``.h5``/``.hdf5``/``.hdf`` files, or a glob. Plain local paths open natively in
+h5py; every URL goes through one code path, a pyarrow file system (``FileSystem.from_uri``)
+whose random-access file h5py reads as a Python file object. Tests exercise that path with
+``file://`` URIs, so s3 and gs run the same code with another file system underneath.
+
+Scanning (:func:`scan_file`, :func:`scan_episodes`) reads metadata and the small per-frame
+arrays (pose, action) only: group names, shapes, dtypes, attributes, non-finite values. It
+returns every problem it finds as an :class:`EpisodeProblem` (file, episode, key, reason)
+instead of stopping at the first one, so a caller can skip the bad episodes and go on.
+
+Frames are read inside Ray Data read tasks by :class:`HDF5EpisodeDatasource`. Each task reads
+its episodes in order into blocks of exactly ``frames_per_block`` frames that may span episode
+boundaries (only the task's last block, or a change of image size, ends a block early): the
+embedding actors then get full batches without Ray re-slicing and copying blocks, and no block
+holds a whole long episode. Frames go from HDF5 straight into the block's buffer
+(``read_direct``): one copy, no intermediate arrays. An episode whose frames fail to read is
+logged and skipped (its frames already sent stay incomplete downstream, where
+:func:`read_error` names the reason); the task goes on with its other episodes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
+import functools
 import glob
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import h5py
 import numpy as np
+from pyarrow import fs as pafs
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockAccessor, BlockMetadata
 
@@ -24,6 +43,7 @@ from rayrm.data import schema
 logger = logging.getLogger(__name__)
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+_GLOB_CHARS = "*?["
 
 
 @dataclass(frozen=True)
@@ -53,23 +73,102 @@ class EpisodeProblem:
 
 
 class InvalidEpisodesError(ValueError):
-    def __init__(self, problems: list[EpisodeProblem]):
+    def __init__(self, problems: list[EpisodeProblem], note: str = "", max_lines: int = 50):
         self.problems = problems
-        lines = "\n  ".join(str(p) for p in problems)
-        super().__init__(f"{len(problems)} problem(s) in the input episodes:\n  {lines}")
+        shown = [str(p) for p in problems[:max_lines]]
+        if len(problems) > max_lines:
+            shown.append(f"... and {len(problems) - max_lines} more")
+        lines = "\n  ".join(shown)
+        note = f"\n{note}" if note else ""
+        super().__init__(f"{len(problems)} problem(s) in the input episodes:\n  {lines}{note}")
 
 
-def list_hdf5_files(spec: str) -> list[str]:
-    """An HDF5 file, a folder of them, or a glob -> sorted list of files."""
+# --------------------------------------------------------------------------- paths and files
+
+
+def is_url(path: str) -> bool:
+    return "://" in path
+
+
+@functools.lru_cache(maxsize=32)
+def _filesystem(root: str) -> pafs.FileSystem:
+    """One file system object per scheme and bucket (S3 clients are costly to build)."""
+    return pafs.FileSystem.from_uri(root)[0]
+
+
+def _split_url(url: str) -> tuple[pafs.FileSystem, str]:
+    """``s3://bucket/key`` -> (the bucket's file system, ``bucket/key``)."""
+    scheme, _, rest = url.partition("://")
+    path = pafs.FileSystem.from_uri(url)[1]
+    root = f"{scheme}://{rest.split('/', 1)[0]}" if scheme != "file" else "file:///"
+    return _filesystem(root), path
+
+
+def _as_url(url: str, path: str) -> str:
+    # from_uri gives "bucket/key" for s3 and gs, "/abs/path" for file: scheme + "://" + path.
+    return f"{url.partition('://')[0]}://{path}"
+
+
+def _list_url(spec: str) -> list[str]:
+    fs, path = _split_url(spec)
+    parts = path.split("/")
+    wild = next((i for i, p in enumerate(parts) if any(c in p for c in _GLOB_CHARS)), None)
+    if wild is None:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            return [_as_url(spec, path)]
+        if info.type != pafs.FileType.Directory:
+            return []
+        listing = fs.get_file_info(pafs.FileSelector(path))
+        return [_as_url(spec, i.path) for i in listing if i.path.endswith(HDF5_SUFFIXES)]
+    base = "/".join(parts[:wild]) or "/"
+    selector = pafs.FileSelector(base, recursive=len(parts) - wild > 1, allow_not_found=True)
+    listing = fs.get_file_info(selector)
+    return [
+        _as_url(spec, i.path)
+        for i in listing
+        if i.type == pafs.FileType.File and _glob_match(i.path.split("/"), parts)
+    ]
+
+
+def _glob_match(path_parts: list[str], pattern_parts: list[str]) -> bool:
+    """Shell-glob semantics per path segment: ``*`` never crosses a ``/``."""
+    return len(path_parts) == len(pattern_parts) and all(
+        fnmatch.fnmatchcase(p, q) for p, q in zip(path_parts, pattern_parts)
+    )
+
+
+def _list_local(spec: str) -> list[str]:
     if os.path.isdir(spec):
         files = [os.path.join(spec, n) for n in os.listdir(spec) if n.endswith(HDF5_SUFFIXES)]
-    elif any(c in spec for c in "*?["):
+    elif any(c in spec for c in _GLOB_CHARS):
         files = glob.glob(spec)
     else:
         files = [spec] if os.path.exists(spec) else []
+    return [os.path.abspath(f) for f in files]
+
+
+def list_hdf5_files(spec: str) -> list[str]:
+    """An HDF5 file, a folder of them, or a glob (local path or URL) -> sorted list of files."""
+    files = _list_url(spec) if is_url(spec) else _list_local(spec)
     if not files:
         raise FileNotFoundError(f"no HDF5 episode files at '{spec}'")
-    return sorted(os.path.abspath(f) for f in files)
+    return sorted(files)
+
+
+@contextlib.contextmanager
+def open_hdf5(path: str) -> Iterator[h5py.File]:
+    """A read-only h5py file: local paths natively, URLs through a pyarrow file object."""
+    if not is_url(path):
+        with h5py.File(path, "r") as handle:
+            yield handle
+        return
+    fs, key = _split_url(path)
+    with fs.open_input_file(key) as raw, h5py.File(raw, "r") as handle:
+        yield handle
+
+
+# --------------------------------------------------------------------------- scanning
 
 
 def _attr(obj: h5py.HLObject, name: str):
@@ -91,6 +190,22 @@ def _check_frames(frames, camera: str, problem) -> int | None:
     if num_frames < schema.MIN_EPISODE_FRAMES:
         problem(camera, f"{num_frames} frames, need >= {schema.MIN_EPISODE_FRAMES}")
     return num_frames
+
+
+def _check_per_frame(group: h5py.Group, key: str, noun: str, num_frames, problem) -> None:
+    """An optional per-frame array (pose, action): one row per frame, all values finite."""
+    data = group.get(key)
+    if data is None:
+        return
+    if not isinstance(data, h5py.Dataset) or data.ndim == 0:
+        problem(key, "not an array with one row per frame")
+        return
+    if num_frames is not None and len(data) != num_frames:
+        problem(key, f"{len(data)} {noun} but {num_frames} frames")
+    if data.dtype.kind in "fc":  # small ([T, 7]): reading it is cheap next to the frames
+        rows_ok = np.isfinite(data[()]).reshape(len(data), -1).all(axis=1)
+        if not rows_ok.all():
+            problem(key, f"non-finite value (NaN or inf) at frame {int(np.argmin(rows_ok))}")
 
 
 def _stage_boundaries(group: h5py.Group, num_frames: int | None, problem) -> tuple[int, ...]:
@@ -128,12 +243,8 @@ def _check_episode(
         num_frames = _check_frames(frames, camera, problem)
     else:
         problem(camera, f"missing camera dataset (has: {', '.join(sorted(group)) or 'nothing'})")
-    action = group.get(schema.ACTION_KEY)
-    if action is not None:
-        if not isinstance(action, h5py.Dataset) or action.ndim == 0:
-            problem(schema.ACTION_KEY, "not an array with one row per frame")
-        elif num_frames is not None and len(action) != num_frames:
-            problem(schema.ACTION_KEY, f"{len(action)} actions but {num_frames} frames")
+    _check_per_frame(group, schema.ACTION_KEY, "actions", num_frames, problem)
+    _check_per_frame(group, schema.POSE_KEY, "poses", num_frames, problem)
     prompt = prompt or _attr(group, schema.ATTR_PROMPT) or _attr(group.file, schema.ATTR_PROMPT)
     if not prompt or not isinstance(prompt, str):
         problem(schema.ATTR_PROMPT, "no prompt attribute and no embed.prompt given")
@@ -152,80 +263,169 @@ def _check_episode(
     )
 
 
-# What h5py raises for damaged files and objects it cannot read.
+# What h5py (and a pyarrow file object under it) raises for damaged files and objects.
 _READ_ERRORS = (OSError, KeyError, RuntimeError, ValueError, TypeError)
 
 
-def _scan_file(file: str, camera: str, prompt: str | None) -> tuple[list, list]:
+def _scan_handle(handle: h5py.File, file: str, camera: str, prompt: str | None):
     episodes, problems = [], []
     try:
-        handle = h5py.File(file, "r")
-    except OSError as err:
-        return [], [EpisodeProblem(file, "-", "-", f"cannot open as HDF5: {err}")]
-    with handle:
+        groups = [k for k in sorted(handle) if isinstance(handle.get(k), h5py.Group)]
+    except _READ_ERRORS as err:
+        return [], [EpisodeProblem(file, "-", "-", f"cannot list episodes: {err}")]
+    if not groups:
+        problems.append(EpisodeProblem(file, "-", "-", "file holds no episode groups"))
+    for key in groups:
         try:
-            groups = [k for k in sorted(handle) if isinstance(handle.get(k), h5py.Group)]
+            result = _check_episode(handle[key], file, camera, prompt)
         except _READ_ERRORS as err:
-            return [], [EpisodeProblem(file, "-", "-", f"cannot list episodes: {err}")]
-        if not groups:
-            problems.append(EpisodeProblem(file, "-", "-", "file holds no episode groups"))
-        for key in groups:
-            try:
-                result = _check_episode(handle[key], file, camera, prompt)
-            except _READ_ERRORS as err:
-                result = [EpisodeProblem(file, key, "-", f"cannot read episode: {err}")]
-            (problems.extend if isinstance(result, list) else episodes.append)(result)
+            result = [EpisodeProblem(file, key, "-", f"cannot read episode: {err}")]
+        (problems.extend if isinstance(result, list) else episodes.append)(result)
+    return episodes, problems
+
+
+def scan_file(
+    file: str, camera: str, prompt: str | None = None
+) -> tuple[list[EpisodeInfo], list[EpisodeProblem]]:
+    """One file's episodes and problems. Pure and picklable: callers run it in Ray tasks."""
+    try:
+        with open_hdf5(file) as handle:
+            return _scan_handle(handle, file, camera, prompt)
+    except _READ_ERRORS as err:  # per-episode errors are caught inside: this is the file
+        return [], [EpisodeProblem(file, "-", "-", f"cannot open as HDF5: {err}")]
+
+
+def merge_scans(
+    scans: Iterable[tuple[list[EpisodeInfo], list[EpisodeProblem]]],
+) -> tuple[list[EpisodeInfo], list[EpisodeProblem]]:
+    """Per-file scans (in file order) -> all episodes and problems; a repeated episode id is
+    a problem of every file after the first that holds it."""
+    episodes: list[EpisodeInfo] = []
+    problems: list[EpisodeProblem] = []
+    seen: dict[str, str] = {}
+    for found, bad in scans:
+        problems.extend(bad)
+        for info in found:
+            if info.episode_id in seen:
+                reason = f"episode id also in {seen[info.episode_id]}; ids must be unique"
+                problems.append(EpisodeProblem(info.source_file, info.episode_id, "-", reason))
+                continue
+            seen[info.episode_id] = info.source_file
+            episodes.append(info)
     return episodes, problems
 
 
 def scan_episodes(
     files: list[str], camera: str, prompt: str | None = None
 ) -> tuple[list[EpisodeInfo], list[EpisodeProblem]]:
-    """Read every episode's metadata; collect all problems instead of stopping at the first."""
-    episodes: list[EpisodeInfo] = []
-    problems: list[EpisodeProblem] = []
-    seen: dict[str, str] = {}
-    for file in files:
-        found, bad = _scan_file(file, camera, prompt)
-        problems.extend(bad)
-        for info in found:
-            if info.episode_id in seen:
-                reason = f"episode id also in {seen[info.episode_id]}; ids must be unique"
-                problems.append(EpisodeProblem(file, info.episode_id, "-", reason))
-                continue
-            seen[info.episode_id] = file
-            episodes.append(info)
-    return episodes, problems
+    """Read every episode's metadata here; collect all problems instead of stopping."""
+    return merge_scans(scan_file(file, camera, prompt) for file in files)
 
 
-def _balanced_groups(episodes: list[EpisodeInfo], n_groups: int) -> list[list[EpisodeInfo]]:
-    """Greedy longest-first split so read tasks get similar frame counts."""
-    groups: list[list[EpisodeInfo]] = [[] for _ in range(n_groups)]
-    loads = [0] * n_groups
-    for info in sorted(episodes, key=lambda e: -e.num_frames):
-        i = loads.index(min(loads))
-        groups[i].append(info)
-        loads[i] += info.num_frames
-    return [sorted(g, key=lambda e: (e.source_file, e.episode_id)) for g in groups if g]
+# --------------------------------------------------------------------------- reading frames
+
+
+def _by_file(episodes: list[EpisodeInfo]) -> Iterator[tuple[str, list[EpisodeInfo]]]:
+    for file in sorted({e.source_file for e in episodes}):
+        yield file, [e for e in episodes if e.source_file == file]
 
 
 def read_frame_blocks(
     episodes: list[EpisodeInfo], camera: str, frames_per_block: int
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Yield frame chunks of the given episodes as column batches (the datasource's rows)."""
-    for file in sorted({e.source_file for e in episodes}):
-        with h5py.File(file, "r") as handle:
-            for info in (e for e in episodes if e.source_file == file):
+    """Frame chunks of one episode each (at most ``frames_per_block``) as column batches."""
+    for file, group in _by_file(episodes):
+        with open_hdf5(file) as handle:
+            for info in group:
                 frames = handle[info.episode_id][camera]
                 for start in range(0, info.num_frames, frames_per_block):
                     chunk = frames[start : start + frames_per_block]
-                    n = len(chunk)
-                    yield {
-                        "episode_id": np.full(n, info.episode_id, dtype=object),
-                        "frame_index": np.arange(start, start + n, dtype=np.int32),
-                        "prompt": np.full(n, info.prompt, dtype=object),
-                        "frame": chunk,
-                    }
+                    yield _columns(info, start, chunk)
+
+
+def _columns(info: EpisodeInfo, start: int, frames: np.ndarray) -> dict[str, np.ndarray]:
+    n = len(frames)
+    return {
+        "episode_id": np.full(n, info.episode_id, dtype=object),
+        "frame_index": np.arange(start, start + n, dtype=np.int32),
+        "prompt": np.full(n, info.prompt, dtype=object),
+        "frame": frames,
+    }
+
+
+class _BlockPacker:
+    """Fills fixed-size frame buffers straight from HDF5, episode after episode."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.parts: list[dict[str, np.ndarray]] = []  # column pieces of the current block
+        self.buffer: np.ndarray | None = None
+        self.filled = 0
+
+    def add_episode(self, frames: h5py.Dataset, info: EpisodeInfo) -> Iterator[dict]:
+        """Read all of ``info``'s frames; yield every block that becomes full."""
+        if self.buffer is not None and self.buffer.shape[1:] != info.frame_shape:
+            yield from self.flush()  # a block holds one image size
+        start = 0
+        while start < info.num_frames:
+            if self.buffer is None:
+                self.buffer = np.empty((self.size, *info.frame_shape), dtype=np.uint8)
+            n = min(self.size - self.filled, info.num_frames - start)
+            dest = np.s_[self.filled : self.filled + n]
+            frames.read_direct(self.buffer, np.s_[start : start + n], dest)
+            self.parts.append(_columns(info, start, self.buffer[dest]))
+            self.filled += n
+            start += n
+            if self.filled == self.size:
+                yield from self.flush()
+
+    def drop_episode(self, episode_id: str) -> None:
+        """Forget the unsent frames of an episode that failed mid-read."""
+        while self.parts and self.parts[-1]["episode_id"][0] == episode_id:
+            self.filled -= len(self.parts.pop()["frame_index"])
+
+    def flush(self) -> Iterator[dict]:
+        if self.filled:
+            block = {
+                key: np.concatenate([p[key] for p in self.parts])
+                for key in ("episode_id", "frame_index", "prompt")
+            }
+            block["frame"] = self.buffer[: self.filled]  # filled in place: no copy
+            yield block
+        self.parts, self.buffer, self.filled = [], None, 0
+
+
+def read_packed_blocks(
+    episodes: list[EpisodeInfo], camera: str, frames_per_block: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Blocks of ``frames_per_block`` frames spanning episodes (see the module docstring).
+
+    An episode (or a whole file) that fails to read is logged and skipped."""
+    packer = _BlockPacker(frames_per_block)
+    for file, group in _by_file(episodes):
+        try:
+            with open_hdf5(file) as handle:
+                for info in group:
+                    try:
+                        yield from packer.add_episode(handle[info.episode_id][camera], info)
+                    except _READ_ERRORS as err:
+                        packer.drop_episode(info.episode_id)
+                        logger.warning("%s episode %s: read failed: %s", file, info.episode_id, err)
+        except _READ_ERRORS as err:
+            logger.warning("%s: cannot open: %s", file, err)
+    yield from packer.flush()
+
+
+def read_error(info: EpisodeInfo, camera: str, frames_per_block: int = 256) -> str | None:
+    """Read all of one episode's frames; the error it raises as text, None when it reads."""
+    try:
+        with open_hdf5(info.source_file) as handle:
+            frames = handle[info.episode_id][camera]
+            for start in range(0, info.num_frames, frames_per_block):
+                frames[start : start + frames_per_block]
+    except _READ_ERRORS as err:
+        return f"frames cannot be read: {type(err).__name__}: {err}"
+    return None
 
 
 class HDF5EpisodeDatasource(Datasource):
@@ -239,6 +439,9 @@ class HDF5EpisodeDatasource(Datasource):
     ``prompt``       str               the episode's task instruction
     ``frame``        uint8 [H, W, 3]   the ``camera`` image at t
     ===============  ================  =====================================
+
+    Blocks hold ``frames_per_block`` frames and may span episodes; a read task reads its
+    episodes in order, so an episode's frames arrive together.
     """
 
     def __init__(self, episodes: list[EpisodeInfo], camera: str, frames_per_block: int = 64):
@@ -269,7 +472,18 @@ class HDF5EpisodeDatasource(Datasource):
         camera, frames_per_block = self.camera, self.frames_per_block
 
         def read():
-            for batch in read_frame_blocks(group, camera, frames_per_block):
+            for batch in read_packed_blocks(group, camera, frames_per_block):
                 yield BlockAccessor.batch_to_block(batch)
 
         return read
+
+
+def _balanced_groups(episodes: list[EpisodeInfo], n_groups: int) -> list[list[EpisodeInfo]]:
+    """Greedy longest-first split so read tasks get similar frame counts."""
+    groups: list[list[EpisodeInfo]] = [[] for _ in range(n_groups)]
+    loads = [0] * n_groups
+    for info in sorted(episodes, key=lambda e: -e.num_frames):
+        i = loads.index(min(loads))
+        groups[i].append(info)
+        loads[i] += info.num_frames
+    return [sorted(g, key=lambda e: (e.source_file, e.episode_id)) for g in groups if g]

@@ -1,46 +1,148 @@
-"""Metrics per curve kind, the metrics JSON, and the reward-curve plot."""
+"""Metrics of every curve kind, and the metrics JSON / CSV.
+
+Curves come as columns (lists, one entry per scored sequence; see ``curves.CURVE_SCHEMA``).
+Recorded episodes (``kind == "episode"``) give the usual metrics; rewound copies of the
+experts (``kind == "rewound"``) only the rewind metrics. Metric names, per curve kind:
+
+=============================  ==============================================================
+metric                         meaning
+=============================  ==============================================================
+``voc_expert``/``_failure``    mean VOC (Spearman of value vs time) over expert/failed episodes
+``mse_expert``                 MSE to (t+1)/T over expert episodes
+``mse_stage_target``           SARM: MSE to the stage target (cum. prior + prior x subtask)
+``final_expert_mean`` ...      mean final value of expert / failed episodes
+``auroc_success_vs_failure``   AUROC of the final value, success vs failure flag
+``stage_accuracy``             SARM: share of frames whose predicted stage is the labelled one
+``rank_final_<group>``         mean final value of the success / partial / failure group
+``rank_mean_<group>``          mean value over frames ("mean reward") of each group
+``rank_*_ordered``             those means decrease success > partial > failure
+``rank_*_pair_accuracy``       share of cross-group episode pairs ranked in that order
+``rewind_voc_after_turn``      rewound: mean VOC after the turnaround (-1 ideal)
+``rewind_fall_rate``           rewound: share whose last value is below the turnaround value
+``rewind_drop_mean``           rewound: mean of value at the turnaround - last value
+``rewind_mse``                 rewound: MSE to the true progress (rises, then falls)
+=============================  ==============================================================
+
+Groups (``metrics.outcome_group``): success = success flag true (or unknown); partial = failed
+after reaching more than half of the K stages (from the episode's ``stage_boundaries``: the
+synthetic stalls in stage 3, drops and moves back); failure = failed earlier (stalls in stage 2).
+"""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only; no display on clusters
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from rayrm import metrics  # noqa: E402
-from rayrm.evaluate.curves import CURVE_KINDS  # noqa: E402
+from rayrm import metrics
+from rayrm.evaluate.curves import CURVE_KINDS
 
 
-def curve_metrics(curves: list[np.ndarray], success: list[bool | None]) -> dict[str, Any]:
-    """Metrics of one curve kind. Episodes without a success flag count as experts."""
+def rows_of_kind(rows: dict[str, list], kind: str) -> list[int]:
+    return [i for i, k in enumerate(rows["kind"]) if k == kind]
+
+
+def outcome_groups(rows: dict[str, list], episodes: list[int], num_stages: int) -> list[str]:
+    return [
+        metrics.outcome_group(rows["success"][i], len(rows["stage_boundaries"][i]) + 1, num_stages)
+        for i in episodes
+    ]
+
+
+def _ranking(scores: list[float], groups: list[str], name: str) -> dict[str, Any]:
+    ranking = metrics.rollout_ranking(scores, groups)
+    out: dict[str, Any] = {f"rank_{name}_{g}": ranking["means"].get(g) for g in metrics.OUTCOMES}
+    out[f"rank_{name}_ordered"] = ranking["ordered"]
+    out[f"rank_{name}_pair_accuracy"] = ranking["pair_accuracy"]
+    return out
+
+
+def _episode_metrics(rows: dict, kind: str, episodes: list[int], num_stages: int) -> dict:
+    curves = [np.asarray(rows[kind][i], np.float64) for i in episodes]
+    success = [rows["success"][i] for i in episodes]
     expert = [c for c, s in zip(curves, success) if s is not False]
     failed = [c for c, s in zip(curves, success) if s is False]
-    finals = [float(c[-1]) for c in curves]
-    return {
+    truth = [rows["true_progress"][i] for i in episodes if rows["success"][i] is not False]
+    groups = outcome_groups(rows, episodes, num_stages)
+    out = {
         "voc_expert": metrics.mean_voc(expert),
         "voc_failure": metrics.mean_voc(failed),
-        "mse_expert": metrics.mse_to_progress(expert),
+        "mse_expert": metrics.mse_to_targets(expert, truth),
         "final_expert_mean": float(np.mean([c[-1] for c in expert])) if expert else None,
         "final_failure_mean": float(np.mean([c[-1] for c in failed])) if failed else None,
-        "auroc_success_vs_failure": metrics.auroc(finals, [s is not False for s in success]),
+        "auroc_success_vs_failure": metrics.auroc(
+            [c[-1] for c in curves], [s is not False for s in success]
+        ),
         "num_expert": len(expert),
         "num_failure": len(failed),
+        **{f"num_{g}_group": groups.count(g) for g in metrics.OUTCOMES},
+    }
+    out.update(_ranking([float(c[-1]) for c in curves], groups, "final"))
+    out.update(_ranking([float(c.mean()) for c in curves], groups, "mean"))
+    return out
+
+
+def _stage_metrics(rows: dict, kind: str, episodes: list[int]) -> dict:
+    """SARM only: stage accuracy and MSE to the stage target, where labels are known."""
+    predicted = "causal_stage_pred" if kind == "causal" else "stage_pred"
+    labelled = [i for i in episodes if len(rows["true_stage"][i])]
+    return {
+        "stage_accuracy": metrics.stage_accuracy(
+            [rows[predicted][i] for i in labelled], [rows["true_stage"][i] for i in labelled]
+        ),
+        "mse_stage_target": metrics.mse_to_targets(
+            [rows[kind][i] for i in labelled], [rows["true_stage_progress"][i] for i in labelled]
+        ),
+        "num_stage_labelled": len(labelled),
     }
 
 
-def all_metrics(rows: dict[str, list]) -> dict[str, dict[str, Any]]:
-    return {kind: curve_metrics(rows[kind], rows["success"]) for kind in CURVE_KINDS}
+def _rewind_metrics(rows: dict, kind: str) -> dict:
+    rewound = rows_of_kind(rows, "rewound")
+    found = metrics.rewind_metrics(
+        [rows[kind][i] for i in rewound], [rows["turn"][i] for i in rewound]
+    )
+    out = {f"rewind_{k}": v for k, v in found.items()}
+    out["rewind_mse"] = metrics.mse_to_targets(
+        [rows[kind][i] for i in rewound], [rows["true_progress"][i] for i in rewound]
+    )
+    out["num_rewound"] = len(rewound)
+    return out
 
 
-def _clean(value):
-    """JSON has no NaN: write null instead."""
+def curve_metrics(rows: dict[str, list], kind: str, num_stages: int, sarm: bool) -> dict:
+    """Every metric of one curve kind (table in the module docstring)."""
+    episodes = rows_of_kind(rows, "episode")
+    out = _episode_metrics(rows, kind, episodes, num_stages)
+    if sarm:
+        out.update(_stage_metrics(rows, kind, episodes))
+    out.update(_rewind_metrics(rows, kind))
+    return out
+
+
+def all_metrics(rows: dict[str, list], num_stages: int, sarm: bool) -> dict[str, dict]:
+    return {kind: curve_metrics(rows, kind, num_stages, sarm) for kind in CURVE_KINDS}
+
+
+def causal_gap(rows: dict[str, list]) -> float:
+    """Largest |prefix - causal| over all frames: the two code paths must agree."""
+    gaps = [np.max(np.abs(np.subtract(p, c))) for p, c in zip(rows["prefix"], rows["causal"])]
+    return float(max(gaps, default=0.0))
+
+
+def json_safe(value):
+    """JSON has no NaN: write null instead; numpy scalars as Python numbers."""
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
     if isinstance(value, float) and not np.isfinite(value):
         return None
     return value
@@ -49,29 +151,18 @@ def _clean(value):
 def write_json(path: str, data: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump(_clean(data), f, indent=2)
+        json.dump(json_safe(data), f, indent=2)
 
 
-def plot_curves(path: str, rows: dict[str, list], title: str, per_class: int = 3) -> None:
-    """Plain prefix curves (solid) and chained curves (dashed) of a few episodes per class."""
-    fig, ax = plt.subplots(figsize=(8, 5))
-    picks = [i for i, s in enumerate(rows["success"]) if s is not False][:per_class]
-    picks += [i for i, s in enumerate(rows["success"]) if s is False][:per_class]
-    for n, i in enumerate(picks):
-        failed = rows["success"][i] is False
-        color = plt.cm.Reds(0.5 + 0.15 * (n % 3)) if failed else plt.cm.Greens(0.5 + 0.15 * n)
-        t = np.arange(len(rows["prefix"][i]))
-        label = f"{rows['episode_id'][i]} ({'failure' if failed else 'expert'})"
-        ax.plot(t, rows["prefix"][i], color=color, lw=2, label=label)
-        ax.plot(t, rows["chained"][i], color=color, lw=1, ls="--")
-        if not failed:
-            ax.plot(t, metrics.progress_labels(len(t)), color="0.6", lw=0.8, ls=":")
-    ax.set_xlabel("frame")
-    ax.set_ylabel("predicted progress")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"{title}\nsolid: plain prefix curve, dashed: seed chaining, dotted: (t+1)/T")
-    ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
+def write_csv(path: str, tables: dict[str, dict[str, dict]]) -> None:
+    """One row per (model, curve kind, metric): ``tables[model][kind][metric] = value``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["model", "curve", "metric", "value"])
+        for model, kinds in tables.items():
+            for kind, values in kinds.items():
+                for metric, value in values.items():
+                    writer.writerow(
+                        [model, kind, metric, "" if value is None else json_safe(value)]
+                    )

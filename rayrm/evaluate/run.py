@@ -1,23 +1,64 @@
-"""Evaluate a checkpoint on embedding shards: curves, metrics JSON, plot.
+"""Evaluate a checkpoint: curves, metrics JSON/CSV, figures, videos, an HTML report.
 
-Run: ``rayrm evaluate --config configs/demo.yaml [--evaluate.checkpoint PATH]``.
-By default only the checkpoint's held-out episodes are scored (``evaluate.split: val``).
+Input: embedding shards (``evaluate.embeddings``), or raw HDF5 episodes (``evaluate.input``)
+embedded on the fly through the checkpoint's backbone by the same Ray Data pipeline as
+``rayrm embed`` (nothing written). Either way one Ray Data actor scores the episodes (and rewound
+copies of the experts) with :class:`rayrm.evaluate.curves.CurveScorer`. A blind control
+(``evaluate.blind_checkpoint``) is scored on the same episodes and shown beside the model.
+
+Outputs in ``evaluate.output``:
+
+=======================  ===============================================================
+file                     content
+=======================  ===============================================================
+``metrics.json``         every metric per curve kind, model and blind control, plus facts
+``metrics.csv``          the same, one row per (model, curve, metric)
+``curves.json``          every curve of every episode (columns of ``curves.CURVE_SCHEMA``)
+``rewound_curves.json``  the same for the rewound copies of the expert episodes
+``reward_curves.png``    summary: examples, metric bars vs blind, group means, rewound
+``episodes/*.png``       per episode: curves, true progress, stage bands, predicted stages
+``videos/*.mp4``         per episode: the camera frame beside the growing curve
+``report.html``          all of the above in one self-contained page
+=======================  ===============================================================
+
+Run: ``rayrm evaluate --config configs/demo.yaml [--evaluate.checkpoint PATH]``. By default
+only the checkpoint's held-out episodes are scored (``evaluate.split: val``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 
-from rayrm.config import Config
-from rayrm.data.shards import episode_dataset, read_episode_index, read_manifest
+from rayrm.config import BackboneConfig, Config, from_dict
+from rayrm.data import schema
+from rayrm.data.hdf5 import InvalidEpisodesError, list_hdf5_files, scan_episodes
+from rayrm.data.shards import (
+    ShardError,
+    episode_dataset,
+    read_episode_index,
+    read_manifest,
+    shard_dir,
+)
 from rayrm.evaluate.curves import CurveScorer
-from rayrm.evaluate.report import all_metrics, plot_curves, write_json
+from rayrm.evaluate.media import MediaJob, render_all
+from rayrm.evaluate.report import (
+    all_metrics,
+    causal_gap,
+    outcome_groups,
+    rows_of_kind,
+    write_csv,
+    write_json,
+)
 from rayrm.runtime import quiet_datasets
 from rayrm.train.checkpoint import read_checkpoint_config
 from rayrm.train.trainer import find_checkpoint
@@ -30,53 +71,346 @@ class EvalResult:
     metrics: dict[str, Any]
     metrics_path: str
     plot_path: str
+    report_path: str | None = None
+    rows: dict[str, list] | None = None
+    blind_rows: dict[str, list] | None = None
 
 
-def _episode_ids(cfg: Config, checkpoint_config: dict) -> list[str]:
-    if cfg.evaluate.split == "all":
-        return read_episode_index(cfg.evaluate.embeddings).column("episode_id").to_pylist()
-    if cfg.evaluate.split == "val":
+# --------------------------------------------------------------------------- inputs
+
+
+def _episode_ids(cfg: Config, checkpoint_config: dict) -> list[str] | None:
+    """Episodes to score; None = every episode of the raw input."""
+    split = cfg.evaluate.split
+    if split == "val":
         return checkpoint_config["split"]["val_episodes"]
-    raise ValueError(f"evaluate.split must be 'val' or 'all', got {cfg.evaluate.split!r}")
+    if split != "all":
+        raise ValueError(f"evaluate.split must be 'val' or 'all', got {split!r}")
+    if cfg.evaluate.input:
+        return None
+    return read_episode_index(cfg.evaluate.embeddings).column("episode_id").to_pylist()
 
 
-def score_episodes(embeddings: str, checkpoint: str, ids: list[str], batch_size: int) -> dict:
-    """Curves of the given episodes, computed by a Ray Data actor; returns columns as lists."""
+def _shard_dataset(embeddings: str, ids: list[str]) -> ray.data.Dataset:
+    files = sorted(f for f in os.listdir(shard_dir(embeddings)) if f.endswith(".parquet"))
+    if not files:
+        raise ShardError(f"{embeddings}: no Parquet shards")
+    present = pq.read_schema(os.path.join(shard_dir(embeddings), files[0])).names
+    extra = [c for c in ("source_file", *schema.STAGE_COLUMNS) if c in present]
+    return episode_dataset(embeddings, ids, columns=schema.TRAIN_COLUMNS + extra)
+
+
+def _checkpoint_camera(checkpoint_config: dict) -> str:
+    """The camera the checkpoint's embeddings were made from, when their manifest is around."""
+    embeddings = checkpoint_config.get("embeddings")
+    if embeddings and os.path.exists(os.path.join(embeddings, schema.MANIFEST_NAME)):
+        return read_manifest(embeddings).get("camera", "side_cam")
+    return "side_cam"
+
+
+def source_camera(cfg: Config, checkpoint_config: dict) -> str:
+    """The camera to embed raw input from and to show in videos: ``evaluate.camera``, else
+    the one the evaluated (or, for raw input, the checkpoint's) embeddings were made from."""
+    if cfg.evaluate.camera:
+        return cfg.evaluate.camera
+    if cfg.evaluate.input:
+        return _checkpoint_camera(checkpoint_config)
+    return read_manifest(cfg.evaluate.embeddings).get("camera", "side_cam")
+
+
+def _raw_dataset(cfg: Config, checkpoint_config: dict, ids: list[str] | None):
+    """Raw HDF5 episodes through the checkpoint's backbone (``rayrm.embed``'s pipeline)."""
+    from rayrm.embed import build_dataset, describe_backbone
+
+    ecfg = cfg.evaluate
+    backbone = from_dict(BackboneConfig, checkpoint_config["backbone"])
+    camera = source_camera(cfg, checkpoint_config)
+    episodes, problems = scan_episodes(list_hdf5_files(ecfg.input), camera, ecfg.prompt)
+    if problems:
+        raise InvalidEpisodesError(problems)
+    if ids is not None:
+        episodes = [e for e in episodes if e.episode_id in set(ids)]
+        if not episodes:
+            raise ValueError(
+                f"none of the checkpoint's held-out episodes is in {ecfg.input}; "
+                "use --evaluate.split all to score every episode there"
+            )
+    prompts = sorted({e.prompt for e in episodes})
+    task = ray.remote(describe_backbone).options(
+        num_gpus=cfg.embed.num_gpus_per_actor, num_cpus=cfg.embed.num_cpus_per_actor
+    )
+    language, visual_dim, language_dim = ray.get(task.remote(backbone, prompts))
+    expected = (checkpoint_config["visual_dim"], checkpoint_config["language_dim"])
+    if (visual_dim, language_dim) != tuple(expected):
+        raise ValueError(
+            f"backbone '{backbone.name}' gives dims {(visual_dim, language_dim)}, the "
+            f"checkpoint expects {tuple(expected)}"
+        )
+    logger.info("embedding %d raw episodes on the fly (camera %s)", len(episodes), camera)
+    embed_cfg = dataclasses.replace(
+        cfg, backbone=backbone, embed=dataclasses.replace(cfg.embed, camera=camera)
+    )
+    # Frame embeddings -> one row per episode, inside Ray Data (a groupby: evaluation needs
+    # whole episodes and, unlike `rayrm embed`, nothing to resume).
+    groups = max(1, len(episodes) // max(1, cfg.embed.episodes_per_shard))
+    return (
+        build_dataset(embed_cfg, episodes)
+        .groupby("episode_id", num_partitions=groups)
+        .map_groups(
+            _episode_row,
+            fn_kwargs={"episodes": {e.episode_id: e for e in episodes}, "language": language},
+            batch_format="numpy",
+        )
+    )
+
+
+def _episode_row(frames: dict, episodes: dict, language: dict) -> pa.Table:
+    """All frame embeddings of one episode -> its row in the embedding-shard layout."""
+    from rayrm.embed import episode_table
+
+    info = episodes[str(frames["episode_id"][0])]
+    order = np.argsort(frames["frame_index"], kind="stable")
+    if not np.array_equal(frames["frame_index"][order], np.arange(info.num_frames)):
+        raise RuntimeError(f"episode {info.episode_id}: frames missing or repeated")
+    visual = np.asarray(frames["visual_embedding"], np.float32)[order]
+    return episode_table([(info, visual)], language)
+
+
+def score_episodes(
+    cfg: Config, checkpoints: str | list[str], ids: list[str] | None
+) -> dict[str, list] | list[dict[str, list]]:
+    """Curves of the episodes (and rewound copies), as columns of lists sorted by id; one such
+    dict per checkpoint when given a list (all scored in one pass over the data)."""
+    ecfg = cfg.evaluate
+    several = isinstance(checkpoints, list)
+    checkpoints = checkpoints if several else [checkpoints]
+    checkpoint_config = read_checkpoint_config(checkpoints[0])
+    rewind = (ecfg.rewind_turn, ecfg.rewind_back) if ecfg.rewind else None
     with quiet_datasets():
-        dataset = episode_dataset(embeddings, ids).map_batches(
+        if ecfg.input:
+            dataset = _raw_dataset(cfg, checkpoint_config, ids)
+        else:
+            dataset = _shard_dataset(ecfg.embeddings, ids)
+        dataset = dataset.map_batches(
             CurveScorer,
-            fn_constructor_kwargs={"checkpoint": checkpoint, "batch_size": batch_size},
+            fn_constructor_kwargs={
+                "checkpoints": checkpoints,
+                "batch_size": ecfg.batch_size,
+                "rewind": rewind,
+            },
             batch_size=16,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=1),
             num_cpus=0,
         )
-    table = pa.concat_tables(dataset.iter_batches(batch_format="pyarrow", batch_size=None))
+        tables = list(dataset.iter_batches(batch_format="pyarrow", batch_size=None))
+    if not tables:
+        raise RuntimeError("no episode was scored")
+    table = pa.concat_tables(tables)
+    out = [_columns(table, index, ids) for index in range(len(checkpoints))]
+    return out if several else out[0]
+
+
+def _columns(table: pa.Table, index: int, ids: list[str] | None) -> dict[str, list]:
+    """One checkpoint's rows as columns of lists, sorted by episode id."""
+    table = table.filter(pc.equal(table.column("scorer"), index)).drop_columns(["scorer"])
     table = table.sort_by("episode_id")
-    if table.num_rows != len(set(ids)):
-        raise RuntimeError(f"scored {table.num_rows} of {len(set(ids))} episodes")
+    scored = set(table.column("source_episode").to_pylist())
+    if ids is not None and scored != set(ids):
+        missing = sorted(set(ids) - scored)[:5]
+        raise RuntimeError(f"scored {len(scored)} of {len(set(ids))} episodes; missing {missing}")
     return {name: table.column(name).to_pylist() for name in table.column_names}
 
 
-def run_evaluate(cfg: Config, checkpoint: str | None = None, title: str = "reward model"):
+# --------------------------------------------------------------------------- stages
+
+
+def stage_facts(cfg: Config, checkpoint_config: dict, rows: dict) -> tuple[int, list[str], int]:
+    """(K of the model, stage names, K used to tell partial from failed episodes)."""
+    model_stages = int(checkpoint_config["model"].get("num_stages", 0) or 0)
+    manifest = {}
+    if not cfg.evaluate.input and cfg.evaluate.embeddings:
+        manifest = read_manifest(cfg.evaluate.embeddings)
+    names = checkpoint_config.get("stage_names") or manifest.get("stage_names") or []
+    k = model_stages or int(manifest.get("num_stages", 0) or 0)
+    if not k:  # ground-truth boundaries of successful episodes say how many stages there are
+        counts = [len(b) + 1 for b, s in zip(rows["stage_boundaries"], rows["success"]) if s]
+        k = max(counts, default=0)
+    names = list(names) + [f"stage {i + 1}" for i in range(len(names), k)]
+    return model_stages, names, k
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _balanced_order(rows: dict, groups: dict[int, str]) -> list[int]:
+    """Sequence indices interleaved over the groups, so any prefix of it shows each kind."""
+    buckets: dict[str, list[int]] = {}
+    for i, group in groups.items():
+        buckets.setdefault(group, []).append(i)
+    order, lists = (
+        [],
+        [buckets[g] for g in ("success", "partial", "failure", "rewound") if g in buckets],
+    )
+    while any(lists):
+        for bucket in lists:
+            if bucket:
+                order.append(bucket.pop(0))
+    return order
+
+
+def _limit(n: int, total: int) -> int:
+    return total if n < 0 else min(n, total)
+
+
+def _row(rows: dict, i: int) -> dict:
+    return {name: values[i] for name, values in rows.items()}
+
+
+def write_media(cfg: Config, rows, blind_rows, names, k_model, groups, camera) -> list[dict]:
+    ecfg = cfg.evaluate
+    order = _balanced_order(rows, groups)
+    figures = order[: _limit(ecfg.episode_figures, len(order))]
+    with_video = set(figures[: _limit(ecfg.videos, len(figures))])
+    jobs = [
+        MediaJob(
+            row=_row(rows, i),
+            blind=None if blind_rows is None else _row(blind_rows, i),
+            stage_names=names,
+            num_stages=max(k_model, 1),
+            output=ecfg.output,
+            video=i in with_video,
+            camera=camera,
+            fps=ecfg.fps,
+        )
+        for i in figures
+    ]
+    results = render_all(jobs)
+    return [
+        {"episode_id": r.episode_id, "png": r.png, "video": r.video, "group": groups[i]}
+        for i, r in zip(figures, results)
+    ]
+
+
+def _groups(rows: dict, k: int) -> dict[int, str]:
+    episodes = rows_of_kind(rows, "episode")
+    groups = dict(zip(episodes, outcome_groups(rows, episodes, k)))
+    groups.update({i: "rewound" for i in rows_of_kind(rows, "rewound")})
+    return groups
+
+
+def run_evaluate(
+    cfg: Config,
+    checkpoint: str | None = None,
+    title: str = "reward model",
+    blind_checkpoint: str | None = None,
+) -> EvalResult:
+    from rayrm.evaluate.figures import summary_figure
+    from rayrm.evaluate.html import write_report
+
     ecfg = cfg.evaluate
     checkpoint = (
         checkpoint or ecfg.checkpoint or find_checkpoint(cfg.train.output, cfg.train.run_name)
     )
-    read_manifest(ecfg.embeddings)
+    blind_checkpoint = blind_checkpoint or ecfg.blind_checkpoint
+    if not ecfg.input:
+        read_manifest(ecfg.embeddings)
     checkpoint_config = read_checkpoint_config(checkpoint)
     ids = _episode_ids(cfg, checkpoint_config)
-    rows = score_episodes(ecfg.embeddings, checkpoint, ids, ecfg.batch_size)
+    scored = score_episodes(
+        cfg, [checkpoint] + ([blind_checkpoint] if blind_checkpoint else []), ids
+    )
+    rows, blind_rows = scored[0], (scored[1] if blind_checkpoint else None)
+    k_model, names, k = stage_facts(cfg, checkpoint_config, rows)
+    model_metrics = all_metrics(rows, k, sarm=k_model > 0)
+    blind_metrics = all_metrics(blind_rows, k, sarm=k_model > 0) if blind_rows else None
     result = {
         "checkpoint": checkpoint,
+        "blind_checkpoint": blind_checkpoint,
+        "input": ecfg.input or ecfg.embeddings,
         "split": ecfg.split,
         "blind": bool(checkpoint_config["train"].get("blind", False)),
-        "curves": all_metrics(rows),
+        "num_stages": k_model,
+        "stage_names": names if k_model else [],
+        "causal_max_abs_diff": causal_gap(rows),
+        "curves": model_metrics,
+        "blind_control": blind_metrics,
     }
-    metrics_path = os.path.join(ecfg.output, "metrics.json")
-    plot_path = os.path.join(ecfg.output, "reward_curves.png")
+    out = ecfg.output
+    metrics_path = os.path.join(out, "metrics.json")
     write_json(metrics_path, result)
-    write_json(os.path.join(ecfg.output, "curves.json"), rows)
-    plot_curves(plot_path, rows, title, per_class=ecfg.plot_episodes)
-    logger.info("wrote %s and %s", metrics_path, plot_path)
-    return EvalResult(result, metrics_path, plot_path)
+    tables = {"model": model_metrics, **({"blind": blind_metrics} if blind_metrics else {})}
+    write_csv(os.path.join(out, "metrics.csv"), tables)
+    for name, kind in (("curves.json", "episode"), ("rewound_curves.json", "rewound")):
+        keep = rows_of_kind(rows, kind)
+        write_json(os.path.join(out, name), {k: [v[i] for i in keep] for k, v in rows.items()})
+    groups = _groups(rows, k)
+    plot_path = os.path.join(out, "reward_curves.png")  # the summary figure
+    episode_groups = [groups[i] for i in rows_of_kind(rows, "episode")]
+    summary_figure(
+        plot_path,
+        rows,
+        blind_rows,
+        model_metrics,
+        blind_metrics,
+        episode_groups,
+        title,
+        per_class=ecfg.plot_episodes,
+    )
+    camera = source_camera(cfg, checkpoint_config)
+    cards = write_media(cfg, rows, blind_rows, names, k_model, groups, camera)
+    report_path = None
+    if ecfg.report:
+        facts = {
+            "checkpoint": checkpoint,
+            "blind control": blind_checkpoint or "none (set evaluate.blind_checkpoint)",
+            "model": f"SARM, K={k_model} ({', '.join(names)})" if k_model else "continuous",
+            "episodes": f"{len(rows_of_kind(rows, 'episode'))} ({ecfg.split}) from "
+            f"{ecfg.input or ecfg.embeddings}",
+            "rewound copies": len(rows_of_kind(rows, "rewound")),
+            "largest |prefix - causal|": f"{result['causal_max_abs_diff']:.1e}",
+        }
+        report_path = write_report(
+            os.path.join(out, "report.html"),
+            title,
+            facts,
+            model_metrics,
+            blind_metrics,
+            plot_path,
+            cards,
+            ecfg.embed_videos_mb,
+        )
+    logger.info("wrote %s, %s and %s", metrics_path, plot_path, report_path or "no report")
+    log_metrics(model_metrics, blind_metrics)
+    return EvalResult(result, metrics_path, plot_path, report_path, rows, blind_rows)
+
+
+KEY_METRICS = [
+    ("VOC, expert episodes", "voc_expert"),
+    ("AUROC success vs failure (final value)", "auroc_success_vs_failure"),
+    ("MSE to (t+1)/T, expert episodes", "mse_expert"),
+    ("stage accuracy (SARM)", "stage_accuracy"),
+    ("ranking pairs success>partial>failure", "rank_final_pair_accuracy"),
+    ("rewound: VOC after the turnaround", "rewind_voc_after_turn"),
+    ("rewound: share that falls", "rewind_fall_rate"),
+]
+
+
+def metrics_lines(model: dict, blind: dict | None) -> list[str]:
+    lines = [f"{'':42s} {'model':>8s} {'blind':>8s}"]
+    for kind in model:
+        lines.append(f"-- {kind} curves")
+        for label, key in KEY_METRICS:
+            if key not in model[kind]:
+                continue
+            b = blind[kind].get(key) if blind else None
+            lines.append(f"{label:42s} {_fmt(model[kind][key]):>8s} {_fmt(b):>8s}")
+    return lines
+
+
+def log_metrics(model: dict, blind: dict | None) -> None:
+    logger.info("evaluation\n%s", "\n".join(metrics_lines(model, blind)))
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None or value != value else f"{value:.3f}"

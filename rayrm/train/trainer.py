@@ -37,6 +37,7 @@ from rayrm.data.shards import (
     split_episodes,
 )
 from rayrm.runtime import quiet_datasets
+from rayrm.stages import stage_priors
 from rayrm.train.loop import train_loop_per_worker
 from rayrm.train.tracking import check_trackers
 
@@ -170,20 +171,7 @@ def _stage_split(cfg: Config, manifest: dict, split: EpisodeSplit) -> list[float
         raise ShardError("no annotated training episode: SARM training needs stage labels")
     if not annotated.intersection(split.val):
         raise ShardError("no annotated held-out episode to validate stage predictions on")
-    return stage_priors([stages[e] for e in split.train], k, cfg.train.stage_prior)
-
-
-def stage_priors(stage_lists: list[list[int]], num_stages: int, mode: str) -> list[float]:
-    """Share of the task each stage takes: ``episode`` = mean over episodes of each stage's
-    share of the episode (SARM paper), ``frame`` = share of all frames (seed)."""
-    counts = np.array([np.bincount(s, minlength=num_stages) for s in stage_lists], np.float64)
-    if mode == "episode":
-        prior = (counts / counts.sum(1, keepdims=True)).mean(0)
-    elif mode == "frame":
-        prior = counts.sum(0) / counts.sum()
-    else:
-        raise ValueError(f"train.stage_prior must be 'episode' or 'frame', got {mode!r}")
-    return prior.tolist()
+    return stage_priors([stages[e] for e in split.train], k, cfg.train.stage_prior).tolist()
 
 
 def _check_inputs(cfg: Config) -> tuple[dict, EpisodeSplit, list[str], np.ndarray]:

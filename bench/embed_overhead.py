@@ -1,0 +1,165 @@
+"""What the rayrm embedding pipeline costs on top of the model: frames/s against a bare loop.
+
+Two numbers, in frames per second, on the same frames with the same backbone and the same
+number of torch compute threads:
+
+* ``bare``     - ``Backbone.embed_frames`` over the frames already in memory, batch after batch
+  (only the calls are timed; loading an episode's frames from HDF5 is not);
+* ``pipeline`` - ``rayrm.embed.run_embed`` on a local Ray: HDF5 in, read tasks, the actor
+  pool, driver-side assembly, Parquet shards and manifest out. Its start-up (scan, backbone
+  load for the prompts, actor start, model load) is timed; ``ray.init`` is reported apart.
+
+The bare loop runs before and after the pipeline and its mean is the reference, so a load
+change on a shared machine during the run shows up as the gap between the two. The frame
+count is sized from a short calibration so that the bare loop takes ``--seconds``. The last
+line is the ratio pipeline / bare (goal on a 2-core CPU machine with ``tiny``: >= 0.9)::
+
+    python bench/embed_overhead.py                       # tiny, 64x64, 1 thread, ~1 min each
+    python bench/embed_overhead.py --threads 2 --seconds 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+import time
+
+import h5py
+import numpy as np
+import ray
+import torch
+
+from rayrm.backbones import build_backbone
+from rayrm.config import BackboneConfig, Config, EmbedConfig, RayConfig
+from rayrm.embed import run_embed
+
+logger = logging.getLogger("bench.embed_overhead")
+PROMPT = "Put the cube in the pot."
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=60.0, help="bare loop duration")
+    parser.add_argument("--size", type=int, default=64, help="square frame side")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument(
+        "--frames-per-block", type=int, help="frames per read block (default 4 batches)"
+    )
+    parser.add_argument("--episode-frames", type=int, default=200)
+    parser.add_argument("--episodes-per-shard", type=int, default=64)
+    parser.add_argument("--workdir", help="folder for the HDF5 and Parquet (default tmp)")
+    return parser.parse_args(argv)
+
+
+def episode_frames(index: int, args) -> np.ndarray:
+    """Frames of episode ``index``: random, but the same for both sides."""
+    rng = np.random.default_rng(index)
+    shape = (args.episode_frames, args.size, args.size, 3)
+    return rng.integers(0, 256, shape, dtype=np.uint8)
+
+
+def bare_fps(backbone, frames_of, n_episodes: int, batch_size: int) -> float:
+    """Frames/s of ``embed_frames`` alone over the episodes' frames (loading not timed)."""
+    seconds, frames = 0.0, 0
+    prompts = [PROMPT] * batch_size
+    for i in range(n_episodes):
+        episode = frames_of(i)
+        for start in range(0, len(episode), batch_size):
+            batch = episode[start : start + batch_size]
+            t = time.perf_counter()
+            backbone.embed_frames(batch, prompts[: len(batch)])
+            seconds += time.perf_counter() - t
+            frames += len(batch)
+    return frames / seconds
+
+
+def calibrate(backbone, args) -> int:
+    """Episodes for a bare loop of about ``args.seconds``."""
+    frames = episode_frames(0, args)
+    bare_fps(backbone, lambda i: frames, 1, args.batch_size)  # warm-up
+    fps = bare_fps(
+        backbone, lambda i: frames, max(1, int(2000 / args.episode_frames)), args.batch_size
+    )
+    return max(2, round(fps * args.seconds / args.episode_frames))
+
+
+def write_episodes(path: str, n_episodes: int, args) -> None:
+    with h5py.File(path, "w") as f:
+        f.attrs["prompt"] = PROMPT
+        for i in range(n_episodes):
+            f.create_group(f"episode_{i:06d}").create_dataset(
+                "side_cam", data=episode_frames(i, args)
+            )
+
+
+def hdf5_reader(path: str):
+    handle = h5py.File(path, "r")
+    names = sorted(handle)
+    return lambda i: handle[names[i]]["side_cam"][()]
+
+
+def pipeline_fps(backbone_cfg: BackboneConfig, h5_path: str, workdir: str, args) -> float:
+    cfg = Config(
+        workdir=workdir,
+        backbone=backbone_cfg,
+        embed=EmbedConfig(
+            input=h5_path,
+            output=os.path.join(workdir, "embeddings"),
+            batch_size=args.batch_size,
+            frames_per_block=args.frames_per_block or 4 * args.batch_size,
+            episodes_per_shard=args.episodes_per_shard,
+            torch_threads=args.threads,
+            overwrite=True,
+        ),
+        ray=RayConfig(),
+    )
+    return run_embed(cfg).frames_per_second
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    backbone_cfg = BackboneConfig(name="tiny")
+    backbone = build_backbone(backbone_cfg)
+    n_episodes = calibrate(backbone, args)
+    n_frames = n_episodes * args.episode_frames
+    logger.info(
+        "%d episodes x %d frames of %dx%d", n_episodes, args.episode_frames, args.size, args.size
+    )
+    with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
+        h5_path = os.path.join(workdir, "episodes.h5")
+        write_episodes(h5_path, n_episodes, args)
+        frames_of = hdf5_reader(h5_path)
+        before = bare_fps(backbone, frames_of, n_episodes, args.batch_size)
+        logger.info("bare (before): %.0f frames/s", before)
+        start = time.perf_counter()
+        ray.init(include_dashboard=False, log_to_driver=False)
+        logger.info("ray.init: %.1f s (not in the pipeline's time)", time.perf_counter() - start)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        try:
+            pipeline = pipeline_fps(backbone_cfg, h5_path, workdir, args)
+        finally:
+            ray.shutdown()
+        logger.info("pipeline: %.0f frames/s (%d frames, start-up included)", pipeline, n_frames)
+        after = bare_fps(backbone, frames_of, n_episodes, args.batch_size)
+        logger.info("bare (after): %.0f frames/s", after)
+    bare = (before + after) / 2
+    logger.info(
+        "setup: tiny backbone, %dx%d frames, batch %d, blocks of %d, %d torch thread(s), %d cores",
+        args.size,
+        args.size,
+        args.batch_size,
+        args.frames_per_block or 4 * args.batch_size,
+        args.threads,
+        os.cpu_count(),
+    )
+    logger.info("ratio pipeline/bare: %.3f", pipeline / bare)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

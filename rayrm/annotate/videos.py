@@ -1,0 +1,120 @@
+"""``rayrm annotate-video``: per episode an mp4 with the frame number on every frame and a
+contact sheet, so a person can read off the frames where stages change.
+
+Outputs in ``annotate.video_output``:
+
+=============================  ===========================================================
+file                           content
+=============================  ===========================================================
+``<episode>.mp4``              the ``annotate.camera`` frames, upscaled, "Frame: i" drawn
+``<episode>_contact.png``      every ``contact_every``-th frame (and the last), numbered
+``stages_template.json``       the stage JSON to fill in (named form, empty boundary lists)
+=============================  ===========================================================
+
+The driver only reads metadata; each episode is one Ray task that reads its frames from the
+HDF5 file and encodes the video, so thousands of episodes spread over the cluster's CPUs.
+
+Run: ``rayrm annotate-video --config configs/demo.yaml [--annotate.episodes ep1,ep2]``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import h5py
+import ray
+
+from rayrm.config import AnnotateConfig
+from rayrm.data.hdf5 import EpisodeInfo, InvalidEpisodesError, list_hdf5_files, scan_episodes
+from rayrm.video import contact_sheet, numbered_frames, write_mp4, write_png
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE_NAME = "stages_template.json"
+PROMPT_UNUSED = "-"  # scan_episodes wants a prompt; videos don't need one
+
+
+def safe_name(episode_id: str) -> str:
+    """An episode id as a file name (HDF5 names may hold characters a path can't)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in episode_id)
+
+
+def video_paths(output: str, episode_id: str) -> tuple[str, str]:
+    base = os.path.join(output, safe_name(episode_id))
+    return f"{base}.mp4", f"{base}_contact.png"
+
+
+def annotate_episode(info: EpisodeInfo, cfg: AnnotateConfig) -> tuple[str, int]:
+    """Ray task: one episode's numbered mp4 and contact sheet; returns (id, frames written)."""
+    with h5py.File(info.source_file, "r") as handle:
+        frames = handle[info.episode_id][cfg.camera][:]
+    video, sheet = video_paths(cfg.video_output, info.episode_id)
+    written = write_mp4(video, numbered_frames(frames, cfg.min_size), fps=cfg.fps)
+    write_png(sheet, contact_sheet(frames, cfg.contact_every, cfg.contact_columns, cfg.min_size))
+    return info.episode_id, written
+
+
+def select_episodes(cfg: AnnotateConfig) -> list[EpisodeInfo]:
+    files = list_hdf5_files(cfg.input)
+    episodes, problems = scan_episodes(files, cfg.camera, PROMPT_UNUSED)
+    if problems:
+        raise InvalidEpisodesError(problems)
+    if cfg.episodes:
+        known = {e.episode_id for e in episodes}
+        unknown = [e for e in cfg.episodes if e not in known]
+        if unknown:
+            raise ValueError(f"annotate.episodes not found in {cfg.input}: {', '.join(unknown)}")
+        episodes = [e for e in episodes if e.episode_id in set(cfg.episodes)]
+    return episodes
+
+
+def write_template(path: str, episodes: list[EpisodeInfo], stage_names: list[str]) -> None:
+    """A stage JSON to fill in; never replaces one that exists (it may hold labels)."""
+    if os.path.exists(path):
+        logger.info("kept the existing %s", path)
+        return
+    template = {
+        "stages": stage_names or ["stage_1", "stage_2"],
+        "episodes": {e.episode_id: [] for e in episodes},
+    }
+    with open(path, "w") as f:
+        json.dump(template, f, indent=1)
+
+
+@dataclass
+class AnnotateVideoResult:
+    output: str
+    num_episodes: int
+    num_frames: int
+    seconds: float
+
+
+def run_annotate_video(cfg: AnnotateConfig) -> AnnotateVideoResult:
+    start = time.perf_counter()
+    episodes = select_episodes(cfg)
+    os.makedirs(cfg.video_output, exist_ok=True)
+    logger.info("writing annotation videos of %d episodes to %s", len(episodes), cfg.video_output)
+    task = ray.remote(annotate_episode).options(num_cpus=1)
+    pending = [task.remote(info, cfg) for info in episodes]
+    done, frames, last_log = 0, 0, time.perf_counter()
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=min(len(pending), 16), timeout=10)
+        for _, written in ray.get(ready):
+            done, frames = done + 1, frames + written
+        if time.perf_counter() - last_log > 10 or not pending:
+            logger.info("annotation videos: %d / %d episodes", done, len(episodes))
+            last_log = time.perf_counter()
+    write_template(os.path.join(cfg.video_output, TEMPLATE_NAME), episodes, cfg.stage_names)
+    result = AnnotateVideoResult(cfg.video_output, done, frames, time.perf_counter() - start)
+    logger.info(
+        "wrote %d videos (%d frames) and contact sheets to %s in %.1f s",
+        done,
+        frames,
+        cfg.video_output,
+        result.seconds,
+    )
+    return result

@@ -1,0 +1,142 @@
+"""The evaluation report: one self-contained HTML file.
+
+Images are embedded as base64 PNGs; videos are embedded too while their total size stays under
+``evaluate.embed_videos_mb``, and otherwise linked by a path relative to the report (keep the
+``videos/`` folder beside it). Sections: what was evaluated, how to read it, the metrics table
+(each metric for each curve kind, model beside blind control), the summary figure, then one
+card per episode with its figure and video.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+import time
+from typing import Any
+
+from rayrm.evaluate.curves import CURVE_KINDS
+from rayrm.evaluate.report import json_safe
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1400px; color: #222; }
+h1 { font-size: 1.5em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 4px; }
+table.metrics { border-collapse: collapse; font-size: 13px; }
+table.metrics th, table.metrics td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
+table.metrics th { background: #f3f3f3; } table.metrics td.name { text-align: left; }
+td.blind { color: #777; background: #fafafa; }
+.meta { color: #555; font-size: 13px; } .notes li { margin-bottom: 4px; font-size: 14px; }
+.episodes { display: grid; gap: 16px;
+  grid-template-columns: repeat(auto-fill, minmax(620px, 1fr)); }
+.episode { border: 1px solid #ddd; border-radius: 6px; padding: 8px; }
+.episode h3 { margin: 2px 0 6px; font-size: 14px; }
+.episode img, .episode video, .summary img { max-width: 100%; }
+.tag { font-size: 11px; padding: 1px 6px; border-radius: 8px; color: white; margin-left: 6px; }
+.success { background: #2a9d4b; } .partial { background: #e0a100; }
+.failure { background: #c0392b; } .rewound { background: #5a5a9c; }
+"""
+
+NOTES = [
+    "<b>plain prefix</b>: value t is the model's output at the last frame of frames 0..t, "
+    "brought to the window length L like a training window: what the model says.",
+    "<b>chained</b>: the seed's stitching of long episodes; chaining alone makes a blind model "
+    "score VOC 1.0, so read it only beside the blind column.",
+    "<b>causal</b>: the streaming <code>RewardScorer</code> fed one frame at a time (the online "
+    "reward); it equals the plain prefix curve to float precision (largest gap shown above).",
+    "<b>blind control</b>: the same model trained and scored on all-zero inputs. A metric is "
+    "evidence only where the model beats the blind column.",
+    "<b>groups</b>: success; partial = failed after reaching more than half of the stages; "
+    "failure = failed earlier. Rankings should read success &gt; partial &gt; failure.",
+    "<b>rewound</b> episodes play an expert forward to a turnaround, then its frames backward: "
+    "a model that sees the task follows the true progress down.",
+]
+
+
+def _data_uri(path: str, mime: str) -> str:
+    with open(path, "rb") as f:
+        return f"data:{mime};base64,{base64.b64encode(f.read()).decode()}"
+
+
+def _fmt(value: Any) -> str:
+    value = json_safe(value)
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return html.escape(str(value))
+
+
+def metrics_table(model: dict[str, dict], blind: dict[str, dict] | None) -> str:
+    names = list(model[CURVE_KINDS[0]])
+    head = "".join(
+        f"<th>{kind}<br>model</th>" + (f"<th>{kind}<br>blind</th>" if blind else "")
+        for kind in CURVE_KINDS
+    )
+    rows = []
+    for name in names:
+        cells = []
+        for kind in CURVE_KINDS:
+            cells.append(f"<td>{_fmt(model[kind].get(name))}</td>")
+            if blind:
+                cells.append(f"<td class='blind'>{_fmt(blind[kind].get(name))}</td>")
+        rows.append(f"<tr><td class='name'>{html.escape(name)}</td>{''.join(cells)}</tr>")
+    return f"<table class='metrics'><tr><th>metric</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def _video_tag(path: str | None, report_dir: str, embed: bool) -> str:
+    if not path:
+        return ""
+    src = _data_uri(path, "video/mp4") if embed else os.path.relpath(path, report_dir)
+    return f"<video controls loop muted preload='metadata' src='{html.escape(src)}'></video>"
+
+
+def episode_cards(cards: list[dict], report_dir: str, embed_videos: bool) -> str:
+    out = []
+    for card in cards:
+        tag = f"<span class='tag {card['group']}'>{html.escape(card['group'])}</span>"
+        image = f"<img alt='curve' src='{_data_uri(card['png'], 'image/png')}'>"
+        video = _video_tag(card.get("video"), report_dir, embed_videos)
+        out.append(
+            f"<div class='episode' id='{html.escape(card['episode_id'])}'>"
+            f"<h3>{html.escape(card['episode_id'])}{tag}</h3>{image}{video}</div>"
+        )
+    return f"<div class='episodes'>{''.join(out)}</div>"
+
+
+def write_report(
+    path: str,
+    title: str,
+    facts: dict[str, Any],
+    model_metrics: dict,
+    blind_metrics: dict | None,
+    summary_png: str,
+    cards: list[dict],
+    embed_videos_mb: float,
+) -> str:
+    """Write the report; returns its path. ``facts`` are shown as a list at the top."""
+    report_dir = os.path.dirname(os.path.abspath(path))
+    video_bytes = sum(os.path.getsize(c["video"]) for c in cards if c.get("video"))
+    embed = video_bytes <= embed_videos_mb * 1e6
+    facts_html = "".join(f"<li><b>{html.escape(k)}</b>: {_fmt(v)}</li>" for k, v in facts.items())
+    notes = "".join(f"<li>{n}</li>" for n in NOTES)
+    summary = _data_uri(summary_png, "image/png")
+    body = f"""
+<h1>{html.escape(title)}</h1>
+<ul class='meta'>{facts_html}<li><b>written</b>: {time.strftime("%Y-%m-%d %H:%M:%S")}</li></ul>
+<h2>How to read this</h2><ul class='notes'>{notes}</ul>
+<h2>Metrics</h2>{metrics_table(model_metrics, blind_metrics)}
+<h2>Summary</h2><div class='summary'><img alt='summary' src='{summary}'></div>
+<h2>Episodes</h2>
+<p class='meta'>Videos {"embedded" if embed else "linked from videos/ beside this file"}.</p>
+{episode_cards(cards, report_dir, embed)}
+"""
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{STYLE}</style></head><body>{body}</body></html>"
+    )
+    os.makedirs(report_dir, exist_ok=True)
+    with open(path, "w") as f:
+        f.write(page)
+    return path

@@ -1,0 +1,134 @@
+"""Resume and exactly-once (rayrm.embed): runs that lose their driver or an actor half-way.
+
+(a) The driver is killed (SIGKILL, as a crash or a preempted node would) once some shards are
+    committed; the rerun embeds only the other episodes. (b) An embedding actor's process
+    exits on its k-th batch; Ray restarts the actor and retries the batch, and the run
+    completes. Either way every episode is in the output exactly once, with the embeddings of
+    the uninterrupted run (``tiny_run``; the test backbone is ``tiny`` plus test hooks).
+An unfinished folder made with other settings, or holding episodes the input no longer has,
+is not resumed (unless ``overwrite`` discards it), nor one another run is writing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import ray
+from _embed_checks import (
+    assert_same_rows,
+    leftovers,
+    partial_ids,
+    read_rows,
+    with_backbone,
+    with_embed,
+)
+from _failing_backbone import NAME as FAILING_BACKBONE
+from _failing_backbone import REPO_ROOT, importable_everywhere
+
+import rayrm.embed
+from rayrm.config import to_dict
+from rayrm.data import schema
+from rayrm.data.hdf5 import EpisodeInfo
+from rayrm.embed import ResumeError, WorkFolder, episode_table, partial_dir, run_embed
+
+
+def start_driver(cfg, folder) -> subprocess.Popen:
+    """``run_embed(cfg)`` in a new driver process on this session's Ray cluster."""
+    config = folder / "config.json"
+    config.write_text(json.dumps(to_dict(cfg)))
+    address = ray.get_runtime_context().gcs_address
+    with open(folder / "driver.log", "w") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tests._embed_driver", str(config), "--address", address],
+            cwd=REPO_ROOT,  # Ray puts it on the job's workers' sys.path: the hook imports
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def wait_for_shards(output: str, count: int, driver: subprocess.Popen, timeout: float) -> None:
+    shards = os.path.join(partial_dir(output), schema.SHARDS_DIR)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.isdir(shards) and len(os.listdir(shards)) >= count:
+            return
+        assert driver.poll() is None, "the driver ended before it could be killed"
+        time.sleep(0.05)
+    raise AssertionError(f"no {count} committed shards after {timeout} s")
+
+
+def frames_of(rows: dict[str, dict], ids) -> int:
+    return sum(rows[i]["num_frames"] for i in ids)
+
+
+def test_killed_driver_resumes_exactly_once(tiny_run, tmp_path, monkeypatch):
+    importable_everywhere(monkeypatch)
+    output = str(tmp_path / "emb")
+    # Slow batches (tiny + a sleep) and a shard per 2 episodes: a kill lands half-way.
+    cfg = with_backbone(tiny_run, name=FAILING_BACKBONE, options={"delay_s": 0.15})
+    cfg = with_embed(cfg, output=output, episodes_per_shard=2, batch_size=8, frames_per_block=8)
+    driver = start_driver(cfg, tmp_path)
+    try:
+        wait_for_shards(output, 2, driver, timeout=180)
+    finally:
+        driver.send_signal(signal.SIGKILL)  # the cluster lives on and reaps the job's actors
+        driver.wait()
+    assert not os.path.exists(output)  # a killed run publishes nothing
+    before = partial_ids(output)
+    expected = read_rows(tiny_run.embed.output)
+    assert 4 <= len(before) < len(expected) and len(before) == len(set(before))
+
+    result = run_embed(cfg)  # the rerun, in this process's Ray
+    assert result.embedded_frames == frames_of(expected, set(expected) - set(before))
+    assert_same_rows(read_rows(output), expected)  # each episode once, same embeddings
+    assert leftovers(tmp_path) == []
+
+
+def test_dead_actor_is_restarted_and_its_batch_retried(tiny_run, tmp_path, monkeypatch):
+    importable_everywhere(monkeypatch)
+    marker = tmp_path / "actor-exited"
+    options = {"exit_on_batch": 3, "exit_marker": str(marker)}
+    cfg = with_backbone(tiny_run, name=FAILING_BACKBONE, options=options)
+    cfg = with_embed(cfg, output=str(tmp_path / "emb"), episodes_per_shard=2, batch_size=8)
+    result = run_embed(cfg)
+    assert marker.exists()  # an actor process did exit mid-run
+    expected = read_rows(tiny_run.embed.output)
+    assert result.embedded_frames == frames_of(expected, expected)
+    assert_same_rows(read_rows(cfg.embed.output), expected)
+
+
+def test_an_unfinished_folder_is_resumed_only_when_it_matches(tiny_run, tmp_path):
+    output = str(tmp_path / "emb")
+    cfg = with_embed(tiny_run, output=output)
+    other = with_backbone(cfg, seed=cfg.backbone.seed + 1)  # other weights, other embeddings
+    WorkFolder(partial_dir(output)).open(rayrm.embed._settings(other), overwrite=False).close()
+    with pytest.raises(ResumeError, match=r"other settings \(backbone: .*'seed': 4"):
+        run_embed(cfg)
+
+    # Same settings, but a committed episode the input does not hold (the input changed).
+    work = WorkFolder(partial_dir(output)).open(rayrm.embed._settings(cfg), overwrite=True)
+    ghost = EpisodeInfo("ghost", tiny_run.embed.input, 4, (8, 8, 3), "pick", None, ())
+    work.commit(episode_table([(ghost, np.zeros((4, 16), np.float32))], {"pick": []}), "x.parquet")
+    work.close()
+    with pytest.raises(ResumeError, match=r"1 episode\(s\) that are not in the input"):
+        run_embed(cfg)
+
+    # Another run holds the folder: refused, and its folder is left alone.
+    held = WorkFolder(partial_dir(output)).open(rayrm.embed._settings(cfg), overwrite=False)
+    try:
+        with pytest.raises(FileExistsError, match="another embedding run"):
+            run_embed(cfg)
+    finally:
+        held.close()
+    assert partial_ids(output) == ["ghost"]
+
+    run_embed(with_embed(cfg, overwrite=True))  # overwrite discards it and starts again
+    assert_same_rows(read_rows(output), read_rows(tiny_run.embed.output))
+    assert leftovers(tmp_path) == []
