@@ -393,7 +393,13 @@ def resolve_paths(cfg: Config) -> Config:
 
 # Outputs that must be local (or a shared mount such as NFS/EFS on every node) for now: the
 # trainer and evaluator write them with local file operations. Inputs may be URLs.
-LOCAL_ONLY_PATHS = ("train.embeddings", "train.output", "evaluate.embeddings", "evaluate.output")
+LOCAL_ONLY_PATHS = (
+    "embed.output",
+    "train.embeddings",
+    "train.output",
+    "evaluate.embeddings",
+    "evaluate.output",
+)
 
 
 def check_local_paths(cfg: Config) -> None:
