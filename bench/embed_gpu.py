@@ -6,16 +6,19 @@ Three numbers, in frames per second:
 * ``backbone`` - the bare loop: ``Backbone.embed_frames`` over uint8 frames held in memory
   (host-to-device copy and preprocessing included), batch after batch;
 * ``pipeline`` - ``rayrm.embed.run_embed`` on a local Ray: HDF5 episodes in, Ray Data actor,
-  Parquet shards out, end to end (model loads and Ray start-up included, so use enough frames).
+  Parquet shards out, end to end (model loads and Ray start-up included, so use enough frames);
+  ``pipeline_steady`` - the same run from its first embeddings on (start-up excluded).
 
-The last line is the ratio pipeline / backbone. Weights are random (no real weights here) with
-the released shapes: DINOv2 ViT-B/14-reg4 (``--backbone dinov2``), or Qwen3-VL in its ``tiny``
-or ``8b`` debug flavour (``--backbone qwen3_vl --flavour 8b``). ``--tiny`` picks small shapes
-and few frames so it runs on a CPU in about a minute. Device: a GPU when torch sees one (bf16,
-``backbone.dtype auto``), else the CPU (fp32). Examples::
+``--compile`` compiles the ViT in all three. The last line is the ratio pipeline / backbone.
+Weights are random (no real weights here) with the released shapes: DINOv2 ViT-B/14-reg4
+(``--backbone dinov2``), or Qwen3-VL in its ``tiny`` or ``8b`` debug flavour (``--backbone
+qwen3_vl --flavour 8b``). ``--tiny`` picks small shapes and few frames so it runs on a CPU in
+about a minute. Device: a GPU when torch sees one (bf16, ``backbone.dtype auto``), else the CPU
+(fp32). Examples::
 
     python bench/embed_gpu.py --tiny
     python bench/embed_gpu.py --backbone dinov2 --size 224 224 --frames 8192
+    python bench/embed_gpu.py --size 224 224 --frames 8192 --repeat 16 --compile
     python bench/embed_gpu.py --backbone dinov2 --size 476 644 --frames 2048
     python bench/embed_gpu.py --backbone qwen3_vl --flavour 8b --size 224 224 --frames 512
 """
@@ -51,7 +54,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--flavour", help="vitb14_reg4 | vitb14 | debug; Qwen3-VL: tiny | 8b")
     parser.add_argument("--checkpoint", help="real weights instead of random ones")
     parser.add_argument("--size", nargs=2, type=int, default=[224, 224], metavar=("H", "W"))
-    parser.add_argument("--frames", type=int, default=4096, help="frames in all")
+    parser.add_argument("--frames", type=int, default=4096, help="distinct frames")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="the pipeline reads every episode this many times (HDF5 hard links to the same "
+        "data, as further episodes): a minute of input without writing GBs of random frames",
+    )
+    parser.add_argument("--compile", action="store_true", help="backbone.options.compile")
+    parser.add_argument(
+        "--calls-per-actor", type=int, default=0, help="embed.calls_per_actor (0 = auto)"
+    )
     parser.add_argument("--episode-frames", type=int, default=128, help="frames per episode")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU) | float32 | bfloat16")
@@ -73,6 +87,8 @@ def make_backbone_config(args, workdir: str) -> BackboneConfig:
             os.path.join(workdir, f"{args.flavour}.pth"), args.flavour
         )
         options = {"num_heads": 2} if args.flavour == "debug" else {}
+        if args.compile:
+            options["compile"] = True
         return BackboneConfig(name="dinov2", checkpoint=path, dtype=args.dtype, options=options)
     path = args.checkpoint or os.path.join(workdir, f"qwen3_vl_{args.flavour}")
     if not args.checkpoint:
@@ -85,15 +101,20 @@ def make_backbone_config(args, workdir: str) -> BackboneConfig:
 
 
 def write_episodes(path: str, args) -> np.ndarray:
-    """Random frames as HDF5 episodes; returns them for the in-memory loops too."""
+    """Random frames as HDF5 episodes (each ``--repeat`` times, as hard links); returns the
+    distinct frames for the in-memory loops too."""
     rng = np.random.default_rng(0)
     h, w = args.size
     frames = rng.integers(0, 256, (args.frames, h, w, 3), dtype=np.uint8)
     with h5py.File(path, "w") as f:
         f.attrs["prompt"] = PROMPT
-        for i, start in enumerate(range(0, args.frames, args.episode_frames)):
+        starts = range(0, args.frames, args.episode_frames)
+        for i, start in enumerate(starts):
             chunk = frames[start : start + args.episode_frames]
             f.create_group(f"episode_{i:05d}").create_dataset("side_cam", data=chunk)
+        for copy in range(1, args.repeat):
+            for i in range(len(starts)):
+                f[f"episode_{copy:03d}_{i:05d}"] = f[f"episode_{i:05d}"]
     return frames
 
 
@@ -120,11 +141,12 @@ def bench_backbone(backbone, frames: np.ndarray, args) -> dict[str, float]:
     results = {}
     if args.backbone == "dinov2":
         encoder = backbone.encoder
+        forward = encoder.model if encoder.compiled is None else encoder.compiled
         pixels = [encoder.preprocess(b, encoder.device).to(encoder.dtype) for b in batches]
 
         @torch.inference_mode()
         def model_step(x):
-            return encoder.model(x)
+            return forward(x)
 
         results["model"] = time_loop(model_step, pixels, backbone.device, args.warmup)
         del pixels
@@ -134,7 +156,10 @@ def bench_backbone(backbone, frames: np.ndarray, args) -> dict[str, float]:
     return results
 
 
-def bench_pipeline(backbone_cfg: BackboneConfig, h5_path: str, workdir: str, args) -> float:
+def bench_pipeline(
+    backbone_cfg: BackboneConfig, h5_path: str, workdir: str, args
+) -> tuple[float, float]:
+    """(frames/s with start-up, frames/s after the first embeddings arrived)."""
     use_gpu = torch.cuda.is_available()
     cfg = Config(
         workdir=workdir,
@@ -146,11 +171,15 @@ def bench_pipeline(backbone_cfg: BackboneConfig, h5_path: str, workdir: str, arg
             frames_per_block=args.batch_size,
             num_gpus_per_actor=1.0 if use_gpu else 0.0,
             episodes_per_shard=64,
+            calls_per_actor=args.calls_per_actor,
             overwrite=True,
         ),
         ray=RayConfig(),
     )
-    return run_embed(cfg).frames_per_second
+    result = run_embed(cfg)
+    steady = result.embedded_frames / max(result.seconds - result.startup_seconds, 1e-9)
+    logger.info("pipeline start-up (first embeddings) %.1f s", result.startup_seconds)
+    return result.frames_per_second, steady
 
 
 def tokens_per_frame(backbone, size) -> float | None:
@@ -176,7 +205,9 @@ def run(args) -> dict:
             torch.cuda.empty_cache()  # the pipeline's actor loads its own copy
         ray.init(include_dashboard=False, log_to_driver=False)
         try:
-            results["pipeline"] = bench_pipeline(backbone_cfg, h5_path, workdir, args)
+            results["pipeline"], results["pipeline_steady"] = bench_pipeline(
+                backbone_cfg, h5_path, workdir, args
+            )
         finally:
             ray.shutdown()
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
@@ -187,6 +218,8 @@ def run(args) -> dict:
         "dtype": str(backbone_cfg.dtype),
         "size": args.size,
         "frames": args.frames,
+        "pipeline_frames": args.frames * args.repeat,
+        "compile": args.compile,
         "batch_size": args.batch_size,
         "tokens_per_frame": tokens,
         "frames_per_second": results,

@@ -183,7 +183,12 @@ def main_child(args) -> None:
     cfg = Config(
         workdir=os.path.dirname(args.child),
         backbone=BackboneConfig(name="tiny", visual_dim=args.visual_dim),
-        embed=EmbedConfig(input=args.child, output=args.child + "_embeddings", batch_size=256),
+        embed=EmbedConfig(
+            input=args.child,
+            output=args.child + "_embeddings",
+            batch_size=256,
+            frames_per_block=1024,
+        ),
     )
     try:
         result = run_embed(cfg)

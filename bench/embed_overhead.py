@@ -3,8 +3,9 @@
 Two numbers, in frames per second, on the same frames with the same backbone and the same
 number of torch compute threads:
 
-* ``bare``     - ``Backbone.embed_frames`` over the frames already in memory, batch after batch
-  (only the calls are timed; loading an episode's frames from HDF5 is not);
+* ``bare``     - ``Backbone.embed_frames`` over the frames already in memory, in batches of the
+  same size as the pipeline's, with the same allocator setting as its actors
+  (``keep_large_allocations_on_the_heap``); only the calls are timed, reading HDF5 is not;
 * ``pipeline`` - ``rayrm.embed.run_embed`` on a local Ray: HDF5 in, read tasks, the actor
   pool, driver-side assembly, Parquet shards and manifest out. Its start-up (scan, backbone
   load for the prompts, actor start, model load) is timed; ``ray.init`` is reported apart.
@@ -33,7 +34,7 @@ import torch
 
 from rayrm.backbones import build_backbone
 from rayrm.config import BackboneConfig, Config, EmbedConfig, RayConfig
-from rayrm.embed import run_embed
+from rayrm.embed import keep_large_allocations_on_the_heap, run_embed
 
 logger = logging.getLogger("bench.embed_overhead")
 PROMPT = "Put the cube in the pot."
@@ -51,6 +52,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--episode-frames", type=int, default=200)
     parser.add_argument("--episodes-per-shard", type=int, default=64)
     parser.add_argument("--workdir", help="folder for the HDF5 and Parquet (default tmp)")
+    parser.add_argument(
+        "--warm",
+        action="store_true",
+        help="run a tiny Ray Data job before timing, so Ray Data's own actors (stats, "
+        "autoscaling) are up, as on a cluster that ran any dataset before",
+    )
     return parser.parse_args(argv)
 
 
@@ -61,18 +68,31 @@ def episode_frames(index: int, args) -> np.ndarray:
     return rng.integers(0, 256, shape, dtype=np.uint8)
 
 
+def batches(frames_of, n_episodes: int, batch_size: int):
+    """The episodes' frames in batches of ``batch_size`` across episode ends, as the
+    pipeline's read blocks are (the batch size changes how fast the backbone runs: large
+    temporary tensors come from mmap, smaller ones from the heap)."""
+    pending, count = [], 0
+    for i in range(n_episodes):
+        pending.append(frames_of(i))
+        count += len(pending[-1])
+        while count >= batch_size:
+            joined = np.concatenate(pending)
+            yield joined[:batch_size]
+            pending, count = [joined[batch_size:]], count - batch_size
+    if count:
+        yield np.concatenate(pending)
+
+
 def bare_fps(backbone, frames_of, n_episodes: int, batch_size: int) -> float:
     """Frames/s of ``embed_frames`` alone over the episodes' frames (loading not timed)."""
     seconds, frames = 0.0, 0
     prompts = [PROMPT] * batch_size
-    for i in range(n_episodes):
-        episode = frames_of(i)
-        for start in range(0, len(episode), batch_size):
-            batch = episode[start : start + batch_size]
-            t = time.perf_counter()
-            backbone.embed_frames(batch, prompts[: len(batch)])
-            seconds += time.perf_counter() - t
-            frames += len(batch)
+    for batch in batches(frames_of, n_episodes, batch_size):
+        t = time.perf_counter()
+        backbone.embed_frames(batch, prompts[: len(batch)])
+        seconds += time.perf_counter() - t
+        frames += len(batch)
     return frames / seconds
 
 
@@ -101,7 +121,7 @@ def hdf5_reader(path: str):
     return lambda i: handle[names[i]]["side_cam"][()]
 
 
-def pipeline_fps(backbone_cfg: BackboneConfig, h5_path: str, workdir: str, args) -> float:
+def run_pipeline(backbone_cfg: BackboneConfig, h5_path: str, workdir: str, args):
     cfg = Config(
         workdir=workdir,
         backbone=backbone_cfg,
@@ -116,13 +136,14 @@ def pipeline_fps(backbone_cfg: BackboneConfig, h5_path: str, workdir: str, args)
         ),
         ray=RayConfig(),
     )
-    return run_embed(cfg).frames_per_second
+    return run_embed(cfg)
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    keep_large_allocations_on_the_heap()  # as the pipeline's actors do on the CPU
     backbone_cfg = BackboneConfig(name="tiny")
     backbone = build_backbone(backbone_cfg)
     n_episodes = calibrate(backbone, args)
@@ -133,6 +154,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
         h5_path = os.path.join(workdir, "episodes.h5")
         write_episodes(h5_path, n_episodes, args)
+        os.sync()  # else the kernel writes GBs of dirty pages back during the timed loops
         frames_of = hdf5_reader(h5_path)
         before = bare_fps(backbone, frames_of, n_episodes, args.batch_size)
         logger.info("bare (before): %.0f frames/s", before)
@@ -140,22 +162,32 @@ def main(argv=None) -> int:
         ray.init(include_dashboard=False, log_to_driver=False)
         logger.info("ray.init: %.1f s (not in the pipeline's time)", time.perf_counter() - start)
         ray.data.DataContext.get_current().enable_progress_bars = False
+        if args.warm:
+            ray.data.range(10).map_batches(lambda b: b).materialize()
         try:
-            pipeline = pipeline_fps(backbone_cfg, h5_path, workdir, args)
+            result = run_pipeline(backbone_cfg, h5_path, workdir, args)
         finally:
             ray.shutdown()
+        pipeline = result.frames_per_second
+        steady = n_frames / (result.seconds - result.startup_seconds)
         logger.info("pipeline: %.0f frames/s (%d frames, start-up included)", pipeline, n_frames)
+        logger.info(
+            "pipeline start-up %.1f s; after it %.0f frames/s", result.startup_seconds, steady
+        )
         after = bare_fps(backbone, frames_of, n_episodes, args.batch_size)
         logger.info("bare (after): %.0f frames/s", after)
     bare = (before + after) / 2
+    logger.info("pipeline/bare after the start-up: %.3f", steady / bare)
     logger.info(
-        "setup: tiny backbone, %dx%d frames, batch %d, blocks of %d, %d torch thread(s), %d cores",
+        "setup: tiny backbone, %dx%d frames, batch %d, blocks of %d, %d torch thread(s), "
+        "%d cores, Ray Data %s",
         args.size,
         args.size,
         args.batch_size,
         args.frames_per_block or 4 * args.batch_size,
         args.threads,
         os.cpu_count(),
+        "warm" if args.warm else "cold (its own actors start in the timed run)",
     )
     logger.info("ratio pipeline/bare: %.3f", pipeline / bare)
     return 0

@@ -119,6 +119,10 @@ class EmbedConfig:
     num_gpus_per_actor: float = 0.0
     # GPU actors reserve no CPU: Ray Data hangs when actors hold every CPU (ray#44687).
     num_cpus_per_actor: float = 0.0
+    # Backbone calls in flight per actor: on a GPU, several let one batch's copies and host
+    # work overlap another's compute (backbones that are not thread-safe still run one at a
+    # time). 0 = 3 for GPU actors, 1 for CPU actors (more would only split the same cores).
+    calls_per_actor: int = 0
     episodes_per_shard: int = 64  # episodes per Parquet file, each committed for resume
     overwrite: bool = False  # replace a finished output (an unfinished one always resumes)
     max_failed_episodes: int = 0  # bad episodes tolerated before exiting non-zero; -1 = any

@@ -17,6 +17,7 @@ Embeddings are compared in fp32 within 1e-4.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import numpy as np
@@ -268,6 +269,30 @@ def test_resize_policy_and_imagenet_normalisation(original_checkpoints):
     with torch.no_grad():
         expected = reference.forward_features((t.clamp(0, 1) - mean) / std)["x_norm_clstoken"]
     np.testing.assert_allclose(backbone.embed_frames(x, ["p"] * 2), expected.numpy(), atol=ATOL)
+
+
+def test_concurrent_calls_match_sequential_calls(original_checkpoints):
+    """rayrm.embed runs two calls per GPU actor at once (EmbedConfig.calls_per_actor)."""
+    backbone = dinov2(original_checkpoints[4][0])
+    assert backbone.thread_safe
+    batches = [frames(5, 42, 56, seed=s) for s in range(8)]
+    sequential = [backbone.embed_frames(x, ["p"] * 5) for x in batches]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        concurrent = list(pool.map(lambda x: backbone.embed_frames(x, ["p"] * 5), batches))
+    for a, b in zip(sequential, concurrent):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_compiled_model_pads_odd_batches_to_one_shape(original_checkpoints):
+    """options.compile: the first batch fixes the compiled size; shorter and longer batches
+    run in padded chunks of it and give the eager model's embeddings."""
+    eager = dinov2(original_checkpoints[4][0])
+    compiled = dinov2(original_checkpoints[4][0], compile=True)
+    for n, seed in ((6, 0), (4, 1), (9, 2)):
+        x = frames(n, seed=seed)
+        expected = eager.embed_frames(x, ["p"] * n)
+        np.testing.assert_allclose(compiled.embed_frames(x, ["p"] * n), expected, atol=1e-4)
+    assert compiled.encoder._chunk == 6
 
 
 def test_read_only_frames_are_accepted(original_checkpoints):

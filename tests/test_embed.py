@@ -6,8 +6,11 @@ Checks the written rows against the raw HDF5 file and a direct backbone call, th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import h5py
 import numpy as np
@@ -164,6 +167,37 @@ def test_frame_embedder_mixed_sizes_and_wrong_dims(monkeypatch):
         embedder({**batch, "frame": small})
 
 
+@pytest.mark.parametrize("thread_safe", [False, True])
+def test_frame_embedder_overlaps_calls_only_for_thread_safe_backbones(monkeypatch, thread_safe):
+    """Ray runs calls_per_actor calls of one actor in threads; a backbone that is not
+    thread-safe (a tokenizer, say) must still see one call at a time."""
+    monkeypatch.setattr(backbones_base, "_REGISTRY", dict(backbones_base._REGISTRY))
+    both_inside = threading.Barrier(2, timeout=2.0)
+    inside, most_inside, lock = [0], [0], threading.Lock()
+
+    @register_backbone("test-count-calls")
+    class CountCalls(Backbone):
+        visual_dim, language_dim = 2, 0
+
+        def embed_frames(self, frames, prompts):
+            with lock:
+                inside[0] += 1
+                most_inside[0] = max(most_inside[0], inside[0])
+            with contextlib.suppress(threading.BrokenBarrierError):
+                both_inside.wait()  # passes only if the other call is inside too
+            with lock:
+                inside[0] -= 1
+            return np.zeros((len(frames), 2), np.float32)
+
+    CountCalls.thread_safe = thread_safe
+    embedder = FrameEmbedder(BackboneConfig(name="test-count-calls"))
+    frames = np.zeros((2, 4, 4, 3), np.uint8)
+    batch = {"episode_id": np.arange(2), "frame_index": np.arange(2), "prompt": np.full(2, "p")}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(lambda _: embedder({**batch, "frame": frames}), range(2)))
+    assert most_inside[0] == (2 if thread_safe else 1)
+
+
 # --------------------------------------------------------------------------- more runs
 
 
@@ -199,11 +233,18 @@ def test_two_input_files_and_prompt_override(tiny_run, tmp_path):
     assert leftovers(tmp_path) == []
 
 
-def test_two_actors_and_odd_batches_give_the_same_output(tiny_run, tmp_path):
+@pytest.mark.parametrize("calls_per_actor", [1, 2])
+def test_two_actors_and_odd_batches_give_the_same_output(tiny_run, tmp_path, calls_per_actor):
     # Blocks of 3 frames and batches of 5 spread every episode over several batches (and
-    # actors), so the episode rows must be reassembled from pieces in any order.
+    # actors, and with two calls per actor, threads), so the episode rows must be
+    # reassembled from pieces in any order.
     cfg = with_embed(
-        tiny_run, output=str(tmp_path / "emb"), num_actors=2, batch_size=5, frames_per_block=3
+        tiny_run,
+        output=str(tmp_path / "emb"),
+        num_actors=2,
+        batch_size=5,
+        frames_per_block=3,
+        calls_per_actor=calls_per_actor,
     )
     run_embed(cfg)
     assert_same_rows(read_rows(cfg.embed.output), read_rows(tiny_run.embed.output))

@@ -6,6 +6,7 @@ import abc
 import importlib
 import importlib.metadata
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -42,6 +43,9 @@ class Backbone(abc.ABC):
 
     visual_dim: int
     language_dim: int
+    # May ``embed_frames`` run in several threads at once? rayrm.embed overlaps two calls per
+    # GPU actor when it may, and serialises them otherwise (tokenizers, for one, are not).
+    thread_safe: bool = False
 
     def __init__(self, cfg: BackboneConfig, device: torch.device | None = None):
         self.cfg = cfg
@@ -59,6 +63,17 @@ class Backbone(abc.ABC):
 def default_device() -> torch.device:
     # Choose from torch, not from Ray: a fake-GPU test cluster assigns GPUs torch can't see.
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def frames_tensor(frames: np.ndarray) -> torch.Tensor:
+    """Checked uint8 frames as a CPU tensor sharing the array's memory.
+
+    Ray Data batches are read-only; backbones only read the tensor (copy it to the device or
+    into a new float tensor), so no defensive copy of the batch is made."""
+    check_frames(frames)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(frames))
 
 
 def check_frames(frames: np.ndarray) -> None:

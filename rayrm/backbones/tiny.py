@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rayrm.backbones.base import Backbone, check_frames, register_backbone
+from rayrm.backbones.base import Backbone, frames_tensor, register_backbone
 from rayrm.config import BackboneConfig
 
 INPUT_SIZE = 32
@@ -39,6 +39,8 @@ def _image_encoder(visual_dim: int) -> nn.Module:
 
 @register_backbone("tiny")
 class TinyBackbone(Backbone):
+    thread_safe = True
+
     def __init__(self, cfg: BackboneConfig, device: torch.device | None = None):
         super().__init__(cfg, device)
         self.visual_dim = cfg.visual_dim
@@ -51,11 +53,7 @@ class TinyBackbone(Backbone):
 
     @torch.inference_mode()
     def embed_frames(self, frames: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
-        check_frames(frames)
-        frames = np.ascontiguousarray(frames)
-        if not frames.flags.writeable:  # Ray Data batches are read-only views
-            frames = frames.copy()
-        x = torch.from_numpy(frames).to(self.device)
+        x = frames_tensor(frames).to(self.device)
         x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(0.5).div_(0.5)
         x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="area")
         return self.image_encoder(x).float().cpu().numpy()

@@ -29,6 +29,7 @@ import functools
 import glob
 import logging
 import os
+import urllib.parse
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -97,11 +98,17 @@ def _filesystem(root: str) -> pafs.FileSystem:
 
 
 def _split_url(url: str) -> tuple[pafs.FileSystem, str]:
-    """``s3://bucket/key`` -> (the bucket's file system, ``bucket/key``)."""
+    """``s3://bucket/key`` -> (the bucket's file system, ``bucket/key``);
+    ``file:///a/b`` -> (the local file system, ``/a/b``).
+
+    The path is cut by hand: ``from_uri`` on every file would build a new S3 client each
+    time, and a URL parser would take a glob's ``?`` for a query."""
     scheme, _, rest = url.partition("://")
-    path = pafs.FileSystem.from_uri(url)[1]
-    root = f"{scheme}://{rest.split('/', 1)[0]}" if scheme != "file" else "file:///"
-    return _filesystem(root), path
+    if scheme == "file":
+        return _filesystem("file:///"), urllib.parse.unquote(rest)
+    if scheme in ("s3", "gs", "gcs"):
+        return _filesystem(f"{scheme}://{rest.split('/', 1)[0]}"), urllib.parse.unquote(rest)
+    return pafs.FileSystem.from_uri(url)  # hdfs and the rest: paths of their own form
 
 
 def _as_url(url: str, path: str) -> str:
@@ -328,19 +335,6 @@ def scan_episodes(
 def _by_file(episodes: list[EpisodeInfo]) -> Iterator[tuple[str, list[EpisodeInfo]]]:
     for file in sorted({e.source_file for e in episodes}):
         yield file, [e for e in episodes if e.source_file == file]
-
-
-def read_frame_blocks(
-    episodes: list[EpisodeInfo], camera: str, frames_per_block: int
-) -> Iterator[dict[str, np.ndarray]]:
-    """Frame chunks of one episode each (at most ``frames_per_block``) as column batches."""
-    for file, group in _by_file(episodes):
-        with open_hdf5(file) as handle:
-            for info in group:
-                frames = handle[info.episode_id][camera]
-                for start in range(0, info.num_frames, frames_per_block):
-                    chunk = frames[start : start + frames_per_block]
-                    yield _columns(info, start, chunk)
 
 
 def _columns(info: EpisodeInfo, start: int, frames: np.ndarray) -> dict[str, np.ndarray]:
