@@ -167,6 +167,7 @@ class TrainConfig:
     warmup_steps: int = 0  # linear warmup from lr/100 before the cosine decay
     weight_decay: float = 1e-4  # AdamW (decoupled)
     grad_clip: float = 1.0
+    compile: bool = False  # torch.compile the training model (GPU: faster steps after warm-up)
     # ReWiND's mismatched-instruction negatives: with this probability a window gets another
     # task's instruction and a target of 0 everywhere (needs >= 2 distinct prompts).
     mismatch_prob: float = 0.0
