@@ -88,6 +88,9 @@ class SynthConfig:
     max_stage_frames: int = 20
     noise: float = 4.0  # std of per-pixel Gaussian noise (uint8 units)
     prompt: str = "Put the cube in the pot."
+    # Several tasks: cube colours (rayrm.data.synthetic.CUBE_COLORS), one task each with the
+    # prompt "Put the <colour> cube in the pot."; empty = one task with `prompt`
+    tasks: list[str] = field(default_factory=list)
     seed: int = 0
 
 

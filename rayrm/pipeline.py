@@ -54,6 +54,7 @@ def train_and_evaluate(cfg: Config, title: str, blind_checkpoint: str | None = N
         "report": evaluated.report_path,
         "curves": evaluated.metrics["curves"],
         "blind_control": evaluated.metrics["blind_control"],
+        "instruction": evaluated.metrics["instruction"],
     }
 
 
@@ -123,7 +124,8 @@ def run_demo(cfg: Config) -> dict[str, Any]:
 def log_summary(summary: dict[str, Any], path: str) -> None:
     from rayrm.evaluate.run import metrics_lines
 
-    lines = metrics_lines(summary["model"]["curves"], summary["blind_control"]["curves"])
+    curves = summary["model"]["curves"], summary["blind_control"]["curves"]
+    lines = metrics_lines(*curves, summary["model"].get("instruction"))
     logger.info("demo results (held-out episodes)\n%s", "\n".join(lines))
     logger.info(
         "outputs:\n  raw episodes   %s\n  embeddings     %s\n  model          %s\n"

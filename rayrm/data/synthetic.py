@@ -33,6 +33,15 @@ mode          what happens                                                      
               near where it started
 ============  ==================================================================  ==========
 
+Several tasks (``synth.tasks``, a list of cube colours from :data:`CUBE_COLORS`): each
+episode shows one of them, told apart only by the cube's colour in the frames and by its
+prompt, "Put the <colour> cube in the pot." (``synth.prompt`` is then unused). Scene, stages
+and motion are drawn exactly as for one task, so the instruction is the only thing that says
+which cube should end in the pot; that is what the wrong-instruction check of
+``rayrm evaluate`` needs. Tasks are spread evenly over the successes and over the failures
+(:func:`plan_tasks`), shuffled by the seed. Without ``synth.tasks`` every episode is the red
+cube with ``synth.prompt``, byte for byte what the generator wrote before tasks existed.
+
 Everything is deterministic: episode ``i`` draws from ``np.random.default_rng([seed, i])``, so
 it does not depend on how many episodes come before it. Geometry is in image fractions
 (x to the right, y down, both in [0, 1]) and only turned into pixels when drawing, so any
@@ -82,6 +91,15 @@ GRIPPER_JITTER = 0.0015  # per-frame position noise of a moving gripper
 STALL_JITTER = 0.002  # a stalled gripper only trembles around where it stopped
 POSE_NOISE = 0.001
 WRIST_CROP = 0.45  # side of the wrist close-up, as a fraction of the side view
+CUBE_COLORS = {  # base RGB per task colour (jittered per episode); red is the one-task default
+    "red": (215, 45, 40),
+    "green": (40, 160, 60),
+    "yellow": (230, 200, 40),
+    "purple": (140, 60, 170),
+}
+DEFAULT_CUBE = "red"
+TASK_PROMPT = "Put the {} cube in the pot."
+TASK_STREAM = 7919  # seeds the task plan apart from the episodes' own generators
 # Gripper pointing down: 180 degrees about x, quaternion scalar-last (qx, qy, qz, qw).
 GRIPPER_QUAT = np.array([1.0, 0.0, 0.0, 0.0])
 
@@ -158,6 +176,8 @@ def validate_config(cfg: SynthConfig) -> None:
         ("min_stage_frames", cfg.min_stage_frames >= 2, ">= 2"),
         ("max_stage_frames", cfg.max_stage_frames >= cfg.min_stage_frames, ">= min_stage_frames"),
         ("noise", cfg.noise >= 0.0, ">= 0"),
+        ("tasks", all(t in CUBE_COLORS for t in cfg.tasks), f"colours of {list(CUBE_COLORS)}"),
+        ("tasks", len(set(cfg.tasks)) == len(cfg.tasks), "distinct"),
     ]
     for name, ok, rule in checks:
         if not ok:
@@ -175,6 +195,29 @@ def plan_failure_modes(cfg: SynthConfig) -> list[str]:
     return modes
 
 
+def task_prompts(cfg: SynthConfig) -> list[str]:
+    """The prompt of every task: ``synth.prompt`` alone, or one per cube colour."""
+    return [TASK_PROMPT.format(c) for c in cfg.tasks] if cfg.tasks else [cfg.prompt]
+
+
+def plan_tasks(cfg: SynthConfig, modes: list[str]) -> list[int]:
+    """Task index of every episode. Successes and failures are each dealt round-robin over the
+    tasks in an order shuffled by the seed, so every task gets its share of both (a per-task
+    report needs successes of each task) and the task is not tied to the episode index."""
+    num_tasks = len(task_prompts(cfg))
+    tasks = [0] * len(modes)
+    if num_tasks == 1:
+        return tasks
+    rng = np.random.default_rng([cfg.seed, TASK_STREAM])
+    dealt = 0
+    for success in (True, False):
+        group = [i for i, mode in enumerate(modes) if (mode == SUCCESS_MODE) == success]
+        for j, i in enumerate(rng.permutation(group)):
+            tasks[int(i)] = (dealt + j) % num_tasks
+        dealt += len(group)
+    return tasks
+
+
 # --------------------------------------------------------------------------- scene and motion
 
 
@@ -184,12 +227,13 @@ def _jitter_color(rng: np.random.Generator, rgb: tuple[int, int, int], amount: f
     )
 
 
-def sample_layout(rng: np.random.Generator) -> Layout:
-    """Random positions (cube left, pot right) and colours, each jittered a little."""
+def sample_layout(rng: np.random.Generator, cube: str = DEFAULT_CUBE) -> Layout:
+    """Random positions (cube left, pot right) and colours, each jittered a little. The cube
+    colour only changes the base RGB, not the draws, so every task has the same scenes."""
     colors = {
         "sky": _jitter_color(rng, (205, 210, 220), 12),
         "table": _jitter_color(rng, (150, 110, 70), 10),
-        "cube": _jitter_color(rng, (215, 45, 40), 12),
+        "cube": _jitter_color(rng, CUBE_COLORS[cube], 12),
         "pot": _jitter_color(rng, (55, 95, 165), 12),
         "arm": _jitter_color(rng, (90, 90, 95), 8),
         "finger": _jitter_color(rng, (45, 45, 50), 8),
@@ -426,17 +470,22 @@ def plan_motion(
     return motion, np.asarray(boundaries, np.int32)
 
 
-def make_episode(rng: np.random.Generator, cfg: SynthConfig, failure_mode: str) -> dict:
+def make_episode(
+    rng: np.random.Generator, cfg: SynthConfig, failure_mode: str, cube: str = DEFAULT_CUBE
+) -> dict:
     """One episode: camera frames, pose, actions, labels, and the scene facts tests need
     (``cube_xy`` [T,2] cube centre per frame, ``pot_x`` pot centre, ``pot_interior`` its inner
     x-range, ``cube_color`` RGB; all in image fractions).
 
     Generators in the same state give the same scene, stage lengths and expert motion for every
-    ``failure_mode``, so a failure can be compared frame by frame with its successful twin."""
+    ``failure_mode`` and ``cube`` colour, so a failure can be compared frame by frame with its
+    successful twin, and one task with another."""
     validate_config(cfg)
     if failure_mode not in (SUCCESS_MODE, *FAILURE_MODES):
         raise ValueError(f"unknown failure_mode {failure_mode!r}")
-    layout = sample_layout(rng)
+    if cube not in CUBE_COLORS:
+        raise ValueError(f"unknown cube colour {cube!r}; one of {list(CUBE_COLORS)}")
+    layout = sample_layout(rng, cube)
     starts, T = sample_stage_starts(rng, cfg)
     motion, boundaries = plan_motion(rng, layout, starts, T, failure_mode)
     cube_xy = cube_track(layout, motion)
@@ -475,13 +524,17 @@ def write_episode(group: h5py.Group, episode: dict, prompt: str) -> None:
 
 
 def _write_all(f: h5py.File, cfg: SynthConfig) -> int:
-    f.attrs[ATTR_PROMPT] = cfg.prompt
+    prompts, cubes = task_prompts(cfg), cfg.tasks or [DEFAULT_CUBE]
+    if not cfg.tasks:  # one task: the file's prompt is every episode's
+        f.attrs[ATTR_PROMPT] = cfg.prompt
     modes = plan_failure_modes(cfg)
+    tasks = plan_tasks(cfg, modes)
     total_frames = 0
     bar = tqdm(modes, desc="synthetic episodes", unit="ep", disable=not sys.stderr.isatty())
     for index, mode in enumerate(bar):
-        episode = make_episode(np.random.default_rng([cfg.seed, index]), cfg, mode)
-        write_episode(f.create_group(f"episode_{index:04d}"), episode, cfg.prompt)
+        rng = np.random.default_rng([cfg.seed, index])
+        episode = make_episode(rng, cfg, mode, cubes[tasks[index]])
+        write_episode(f.create_group(f"episode_{index:04d}"), episode, prompts[tasks[index]])
         total_frames += len(episode[ACTION_KEY])
     return total_frames
 
@@ -507,7 +560,7 @@ def write_synthetic_dataset(cfg: SynthConfig, path: str | Path | None = None) ->
         raise
     size = cfg.image_size
     logger.info(
-        "wrote %d synthetic episodes (%d frames, %dx%d) to %s",
-        *(cfg.num_episodes, total_frames, size, size, target),
+        "wrote %d synthetic episodes (%d frames, %dx%d, %d task(s)) to %s",
+        *(cfg.num_episodes, total_frames, size, size, len(task_prompts(cfg)), target),
     )
     return target

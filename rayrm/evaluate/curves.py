@@ -17,6 +17,13 @@ Three curves per episode (SEED-SPEC §6); every metric is reported for each:
 
 SARM models also give the predicted stage per frame (``stage_pred``; argmax of the logits).
 
+Wrong instruction (``final_wrong``, recorded episodes only, when given ``instructions`` of at
+least 2 tasks): the final value of the plain prefix curve when the episode's frames are paired
+with another task's instruction, averaged over all the other tasks (not a random pick, so the
+figure is deterministic and uses every task). Beside the true instruction's final value
+(``prefix[-1]``) it says whether the model reads the instruction at all; ReWiND's
+mismatched-instruction negatives train it to say 0 there.
+
 Rewound episodes (``rewound`` rows): an expert episode played forward up to a turnaround,
 then backward over its own frames (its embeddings in reverse order), so the ground-truth
 progress rises then falls. A model that sees the task must follow it down; the seed's chained
@@ -35,6 +42,7 @@ from rayrm.data.shards import EpisodeBatch, episodes_from_table
 from rayrm.evaluate.scorer import RewardScorer
 from rayrm.stages import stage_labels, stage_progress
 from rayrm.train.checkpoint import load_model
+from rayrm.train.windows import prefix_positions
 
 CURVE_KINDS = ("prefix", "chained", "causal")
 REWOUND_SUFFIX = "~rewound"
@@ -45,6 +53,7 @@ CURVE_SCHEMA = pa.schema(
         ("source_episode", pa.string()),  # the recorded episode the rows' frames come from
         ("kind", pa.string()),  # "episode" or "rewound"
         ("source_file", pa.string()),
+        ("prompt", pa.string()),  # the episode's instruction: its task
         ("success", pa.bool_()),
         ("num_frames", pa.int32()),
         ("frame_index", pa.list_(pa.int32())),  # frame of the recorded episode at each step
@@ -59,6 +68,8 @@ CURVE_SCHEMA = pa.schema(
         ("causal", pa.list_(pa.float32())),
         ("stage_pred", pa.list_(pa.int32())),  # empty for continuous models
         ("causal_stage_pred", pa.list_(pa.int32())),
+        # final prefix value under the other tasks' instructions (mean); null when not scored
+        ("final_wrong", pa.float32()),
     ]
 )
 
@@ -78,6 +89,20 @@ def rewind_frames(num_frames: int, turn_share: float, back_share: float) -> tupl
     back = int(np.clip(round(back_share * forward), 1, forward - 1))
     order = np.concatenate([np.arange(forward), np.arange(forward - 2, forward - 2 - back, -1)])
     return order.astype(np.int32), forward - 1
+
+
+@torch.no_grad()
+def final_values(model, visual: torch.Tensor, languages: torch.Tensor) -> torch.Tensor:
+    """Last value of the plain prefix curve of ``visual`` [T, D] under each instruction of
+    ``languages`` [N, D_lang]: float32 [N]. The last prefix is the whole episode brought to L
+    (``prefix_positions``), read at min(T-1, L-1), exactly as ``prefix_outputs`` does; only
+    that one sequence is run, once per instruction, since only the final value is compared."""
+    num_frames, seq_len = visual.shape[0], model.cfg.max_seq_len
+    last = prefix_positions(num_frames, seq_len, device=visual.device)[-1]
+    seqs = visual[last].unsqueeze(0).expand(len(languages), -1, -1)
+    language = None if model.language_proj is None else languages
+    progress = model.forward_all(seqs, language).progress
+    return progress[:, min(num_frames, seq_len) - 1].float()
 
 
 @dataclass
@@ -108,7 +133,11 @@ class ModelCurves:
     """The curves of one checkpoint for a batch of episode rows."""
 
     def __init__(
-        self, checkpoint: str, batch_size: int = 256, rewind: tuple[float, float] | None = None
+        self,
+        checkpoint: str,
+        batch_size: int = 256,
+        rewind: tuple[float, float] | None = None,
+        instructions: dict[str, list[float]] | None = None,
     ):
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model, config = load_model(checkpoint, device)
@@ -118,6 +147,8 @@ class ModelCurves:
         self.device = device
         self.batch_size = batch_size
         self.rewind = rewind
+        # prompt -> language embedding of every task, for the wrong-instruction values
+        self.instructions = {p: np.asarray(v, np.float32) for p, v in (instructions or {}).items()}
 
     def _episodes(self, batch: EpisodeBatch) -> list[Episode]:
         out = []
@@ -129,12 +160,25 @@ class ModelCurves:
                 out.append(Episode(episode_id + REWOUND_SUFFIX, i, "rewound", order, turn))
         return out
 
-    def _inputs(self, batch: EpisodeBatch, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
-        visual = torch.from_numpy(np.array(batch.episode(episode.source)[episode.frame_index]))
-        language = torch.from_numpy(np.array(batch.language[episode.source]))
+    def _as_input(self, values: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.array(values, np.float32))
         if self.blind:  # the blind control is evaluated on what it was trained on
-            visual, language = torch.zeros_like(visual), torch.zeros_like(language)
-        return visual.to(self.device), language.to(self.device)
+            tensor = torch.zeros_like(tensor)
+        return tensor.to(self.device)
+
+    def _inputs(self, batch: EpisodeBatch, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
+        visual = self._as_input(batch.episode(episode.source)[episode.frame_index])
+        return visual, self._as_input(batch.language[episode.source])
+
+    def _final_wrong(self, batch: EpisodeBatch, episode: Episode) -> float | None:
+        """Mean final prefix value under every other task's instruction (module docstring);
+        None for rewound copies and without at least one other task."""
+        own = batch.prompts[episode.source]
+        others = [v for p, v in sorted(self.instructions.items()) if p != own]
+        if episode.kind != "episode" or not others:
+            return None
+        visual, _ = self._inputs(batch, episode)
+        return float(final_values(self.model, visual, self._as_input(np.stack(others))).mean())
 
     def _prefix(self, batch: EpisodeBatch, episode: Episode) -> dict[str, np.ndarray | None]:
         visual, language = self._inputs(batch, episode)
@@ -179,6 +223,7 @@ class ModelCurves:
             "source_episode": batch.episode_ids[i],
             "kind": episode.kind,
             "source_file": sources[i],
+            "prompt": batch.prompts[i],
             "success": None if episode.kind == "rewound" else batch.success[i],
             "num_frames": len(order),
             "frame_index": order,
@@ -194,6 +239,7 @@ class ModelCurves:
             "causal": causal[0],
             "stage_pred": [] if stage_pred is None else stage_pred.astype(np.int32),
             "causal_stage_pred": causal[1],
+            "final_wrong": self._final_wrong(batch, episode),
         }
 
     def _stage_target(self, stages, order: np.ndarray) -> np.ndarray | list:
@@ -227,8 +273,9 @@ class CurveScorer:
         checkpoints: list[str],
         batch_size: int = 256,
         rewind: tuple[float, float] | None = None,
+        instructions: dict[str, list[float]] | None = None,
     ):
-        self.models = [ModelCurves(c, batch_size, rewind) for c in checkpoints]
+        self.models = [ModelCurves(c, batch_size, rewind, instructions) for c in checkpoints]
 
     def __call__(self, table: pa.Table) -> pa.Table:
         tables = []

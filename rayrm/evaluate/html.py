@@ -3,8 +3,9 @@
 Images are embedded as base64 PNGs; videos are embedded too while their total size stays under
 ``evaluate.embed_videos_mb``, and otherwise linked by a path relative to the report (keep the
 ``videos/`` folder beside it). Sections: what was evaluated, how to read it, the metrics table
-(each metric for each curve kind, model beside blind control), the summary figure, then one
-card per episode with its figure and video.
+(each metric for each curve kind, model beside blind control), the language table (per task,
+final value with the true and with a wrong instruction), the summary figure, then one card per
+episode with its figure and video.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ NOTES = [
     "evidence only where the model beats the blind column.",
     "<b>groups</b>: success; partial = failed after reaching more than half of the stages; "
     "failure = failed earlier. Rankings should read success &gt; partial &gt; failure.",
+    "<b>language</b>: per task, the mean final value of the plain prefix curve with the "
+    "episode's own instruction and with the other tasks' instructions (their mean). A model "
+    "that reads the instruction scores successes much lower under a wrong one; the blind "
+    "control reads zeros, so its gap is 0.",
     "<b>rewound</b> episodes play an expert forward to a turnaround, then its frames backward: "
     "a model that sees the task follows the true progress down.",
 ]
@@ -85,6 +90,33 @@ def metrics_table(model: dict[str, dict], blind: dict[str, dict] | None) -> str:
     return f"<table class='metrics'><tr><th>metric</th>{head}</tr>{''.join(rows)}</table>"
 
 
+def instruction_table(instruction: dict | None) -> str:
+    """Per task and outcome: episodes, then true / wrong / gap for the model and the blind
+    control; only the note when the check could not be made (one task)."""
+    if instruction is None:
+        return "<p class='meta'>not computed</p>"
+    if instruction["model"] is None:
+        return f"<p class='meta'>{html.escape(instruction['note'])}</p>"
+    blind = {(r["task"], r["outcome"]): r for r in instruction["blind"] or []}
+    fields = ("final_true", "final_wrong", "gap")
+    head = "".join(f"<th>{f}<br>model</th>" for f in fields)
+    head += "".join(f"<th>{f}<br>blind</th>" for f in fields) if blind else ""
+    rows = []
+    for row in instruction["model"]:
+        cells = [f"<td class='name'>{html.escape(row['task'])}</td>"]
+        cells += [f"<td class='name'>{row['outcome']}</td><td>{row['num_episodes']}</td>"]
+        cells += [f"<td>{_fmt(row[f])}</td>" for f in fields]
+        if blind:
+            other = blind.get((row["task"], row["outcome"]), {})
+            cells += [f"<td class='blind'>{_fmt(other.get(f))}</td>" for f in fields]
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    note = html.escape(f"wrong instruction: {instruction['wrong_instruction']}")
+    return (
+        f"<p class='meta'>{note}</p><table class='metrics'><tr><th>task</th><th>episodes</th>"
+        f"<th>n</th>{head}</tr>{''.join(rows)}</table>"
+    )
+
+
 def _video_tag(path: str | None, report_dir: str, embed: bool) -> str:
     if not path:
         return ""
@@ -114,8 +146,10 @@ def write_report(
     summary_png: str,
     cards: list[dict],
     embed_videos_mb: float,
+    instruction: dict | None = None,
 ) -> str:
-    """Write the report; returns its path. ``facts`` are shown as a list at the top."""
+    """Write the report; returns its path. ``facts`` are shown as a list at the top;
+    ``instruction`` is ``metrics.json["instruction"]``."""
     report_dir = os.path.dirname(os.path.abspath(path))
     video_bytes = sum(os.path.getsize(c["video"]) for c in cards if c.get("video"))
     embed = video_bytes <= embed_videos_mb * 1e6
@@ -127,6 +161,7 @@ def write_report(
 <ul class='meta'>{facts_html}<li><b>written</b>: {time.strftime("%Y-%m-%d %H:%M:%S")}</li></ul>
 <h2>How to read this</h2><ul class='notes'>{notes}</ul>
 <h2>Metrics</h2>{metrics_table(model_metrics, blind_metrics)}
+<h2>Language: true vs wrong instruction</h2>{instruction_table(instruction)}
 <h2>Summary</h2><div class='summary'><img alt='summary' src='{summary}'></div>
 <h2>Episodes</h2>
 <p class='meta'>Videos {"embedded" if embed else "linked from videos/ beside this file"}.</p>

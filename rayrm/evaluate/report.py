@@ -23,6 +23,13 @@ metric                         meaning
 ``rewind_mse``                 rewound: MSE to the true progress (rises, then falls)
 =============================  ==============================================================
 
+Language (:func:`instruction_metrics`, plain prefix curves only): per task (distinct prompt)
+and outcome, the mean final value with the episode's own instruction (``final_true``) and
+with a wrong one (``final_wrong``: the mean over the other tasks' instructions, see
+``curves``), their ``gap`` and the share of episodes whose true value is above the wrong one
+(``true_above_wrong``). Successful and failed episodes are kept apart: a model that reads the
+instruction should drop a lot on successes and little on failures, which already score low.
+
 Groups (``metrics.outcome_group``): success = success flag true (or unknown); partial = failed
 after reaching more than half of the K stages (from the episode's ``stage_boundaries``: the
 synthetic stalls in stage 3, drops and moves back); failure = failed earlier (stalls in stage 2).
@@ -125,6 +132,54 @@ def curve_metrics(rows: dict[str, list], kind: str, num_stages: int, sarm: bool)
 
 def all_metrics(rows: dict[str, list], num_stages: int, sarm: bool) -> dict[str, dict]:
     return {kind: curve_metrics(rows, kind, num_stages, sarm) for kind in CURVE_KINDS}
+
+
+INSTRUCTION_FIELDS = ("num_episodes", "final_true", "final_wrong", "gap", "true_above_wrong")
+ALL_TASKS = "all tasks"
+
+
+def _instruction_row(rows: dict, chosen: list[int], task: str, outcome: str) -> dict:
+    true = np.array([rows["prefix"][i][-1] for i in chosen], np.float64)
+    wrong = np.array([rows["final_wrong"][i] for i in chosen], np.float64)
+    found = len(chosen) > 0
+    return {
+        "task": task,
+        "outcome": outcome,
+        "num_episodes": len(chosen),
+        "final_true": float(true.mean()) if found else None,
+        "final_wrong": float(wrong.mean()) if found else None,
+        "gap": float((true - wrong).mean()) if found else None,
+        "true_above_wrong": float((true > wrong).mean()) if found else None,
+    }
+
+
+def instruction_metrics(rows: dict[str, list]) -> list[dict] | None:
+    """One row per (task, outcome) and per outcome over all tasks (module docstring); None
+    when no recorded episode has a wrong-instruction value (fewer than 2 tasks scored)."""
+    episodes = [i for i in rows_of_kind(rows, "episode") if rows["final_wrong"][i] is not None]
+    if not episodes:
+        return None
+    out = []
+    for task in [*sorted({rows["prompt"][i] for i in episodes}), ALL_TASKS]:
+        for outcome in ("success", "failure"):
+            chosen = [
+                i
+                for i in episodes
+                if task in (ALL_TASKS, rows["prompt"][i])
+                and (rows["success"][i] is not False) == (outcome == "success")
+            ]
+            out.append(_instruction_row(rows, chosen, task, outcome))
+    return out
+
+
+def instruction_csv(table: list[dict] | None) -> dict[str, Any]:
+    """The table as flat metric names for ``metrics.csv``: ``instruction/<outcome>/<field>/
+    <task>`` (curve ``prefix``)."""
+    return {
+        f"instruction/{row['outcome']}/{name}/{row['task']}": row[name]
+        for row in table or []
+        for name in INSTRUCTION_FIELDS
+    }
 
 
 def causal_gap(rows: dict[str, list]) -> float:

@@ -11,7 +11,8 @@ Outputs in ``evaluate.output``:
 =======================  ===============================================================
 file                     content
 =======================  ===============================================================
-``metrics.json``         every metric per curve kind, model and blind control, plus facts
+``metrics.json``         every metric per curve kind, model and blind control, plus facts and
+                         the per-task true vs wrong instruction table (``instruction``)
 ``metrics.csv``          the same, one row per (model, curve, metric)
 ``curves.json``          every curve of every episode (columns of ``curves.CURVE_SCHEMA``)
 ``rewound_curves.json``  the same for the rewound copies of the expert episodes
@@ -23,6 +24,13 @@ file                     content
 
 Run: ``rayrm evaluate --config configs/demo.yaml [--evaluate.checkpoint PATH]``. By default
 only the checkpoint's held-out episodes are scored (``evaluate.split: val``).
+
+Language: when the scored episodes hold at least 2 tasks (distinct prompts), every recorded
+episode is also scored with the other tasks' instructions (``curves.final_values``), and
+``metrics.json["instruction"]`` holds, per task, the mean final prefix value with the true and
+with a wrong instruction, for the model and the blind control (which reads zeros, so its gap
+is 0 by construction: the control shows what "no use of language" looks like). With one task
+the table is null and a note says why: there is no wrong instruction to give.
 """
 
 from __future__ import annotations
@@ -54,6 +62,8 @@ from rayrm.evaluate.media import MediaJob, render_all
 from rayrm.evaluate.report import (
     all_metrics,
     causal_gap,
+    instruction_csv,
+    instruction_metrics,
     outcome_groups,
     rows_of_kind,
     write_csv,
@@ -100,6 +110,37 @@ def _shard_dataset(embeddings: str, ids: list[str]) -> ray.data.Dataset:
     return episode_dataset(embeddings, ids, columns=schema.TRAIN_COLUMNS + extra)
 
 
+def _shard_instructions(embeddings: str, ids: list[str]) -> dict[str, list[float]]:
+    """prompt -> language embedding of each task among the episodes ``ids`` (taken from the
+    first of its episodes: the embedding depends on the prompt alone)."""
+    columns = ["episode_id", "prompt", "language_embedding"]
+    table = pq.read_table(shard_dir(embeddings), columns=columns)
+    keep = pc.is_in(table.column("episode_id"), value_set=pa.array(ids, pa.string()))
+    table = table.filter(keep)
+    found: dict[str, list[float]] = {}
+    prompts, vectors = table.column("prompt").to_pylist(), table.column(columns[2]).to_pylist()
+    for prompt, vector in zip(prompts, vectors):
+        found.setdefault(prompt, vector)
+    return found
+
+
+def wrong_instructions(language: dict[str, Any]) -> dict[str, Any] | None:
+    """The instructions to score episodes with as wrong ones, or None (logged) when the check
+    cannot be made: fewer than 2 tasks, or no language embedding at all."""
+    if len(language) < 2:
+        logger.info(
+            "wrong-instruction check skipped: it needs >= 2 tasks (distinct prompts); the "
+            "evaluated episodes hold %d (%s)",
+            *(len(language), ", ".join(repr(p) for p in sorted(language)) or "none"),
+        )
+        return None
+    if all(len(v) == 0 for v in language.values()):
+        logger.info("wrong-instruction check skipped: the embeddings hold no language vector")
+        return None
+    logger.info("wrong-instruction check over %d tasks", len(language))
+    return language
+
+
 def _checkpoint_camera(checkpoint_config: dict) -> str:
     """The camera the checkpoint's embeddings were made from, when their manifest is around."""
     embeddings = checkpoint_config.get("embeddings")
@@ -119,7 +160,8 @@ def source_camera(cfg: Config, checkpoint_config: dict) -> str:
 
 
 def _raw_dataset(cfg: Config, checkpoint_config: dict, ids: list[str] | None):
-    """Raw HDF5 episodes through the checkpoint's backbone (``rayrm.embed``'s pipeline)."""
+    """Raw HDF5 episodes through the checkpoint's backbone (``rayrm.embed``'s pipeline), and
+    the prompt vectors of their tasks."""
     from rayrm.embed import build_dataset, describe_backbone
 
     ecfg = cfg.evaluate
@@ -135,7 +177,7 @@ def _raw_dataset(cfg: Config, checkpoint_config: dict, ids: list[str] | None):
                 f"none of the checkpoint's held-out episodes is in {ecfg.input}; "
                 "use --evaluate.split all to score every episode there"
             )
-    prompts = sorted({e.prompt for e in episodes})
+    prompts = sorted({e.prompt for e in episodes})  # the scored episodes' tasks
     task = ray.remote(describe_backbone).options(
         num_gpus=cfg.embed.num_gpus_per_actor, num_cpus=cfg.embed.num_cpus_per_actor
     )
@@ -161,7 +203,7 @@ def _raw_dataset(cfg: Config, checkpoint_config: dict, ids: list[str] | None):
             fn_kwargs={"episodes": {e.episode_id: e for e in episodes}, "language": language},
             batch_format="numpy",
         )
-    )
+    ), language
 
 
 def _episode_row(frames: dict, episodes: dict, language: dict) -> pa.Table:
@@ -188,15 +230,17 @@ def score_episodes(
     rewind = (ecfg.rewind_turn, ecfg.rewind_back) if ecfg.rewind else None
     with quiet_datasets():
         if ecfg.input:
-            dataset = _raw_dataset(cfg, checkpoint_config, ids)
+            dataset, language = _raw_dataset(cfg, checkpoint_config, ids)
         else:
             dataset = _shard_dataset(ecfg.embeddings, ids)
+            language = _shard_instructions(ecfg.embeddings, ids)
         dataset = dataset.map_batches(
             CurveScorer,
             fn_constructor_kwargs={
                 "checkpoints": checkpoints,
                 "batch_size": ecfg.batch_size,
                 "rewind": rewind,
+                "instructions": wrong_instructions(language),
             },
             batch_size=16,
             batch_format="pyarrow",
@@ -299,6 +343,35 @@ def _groups(rows: dict, k: int) -> dict[int, str]:
     return groups
 
 
+def instruction_summary(rows: dict, blind_rows: dict | None) -> dict[str, Any]:
+    """``metrics.json["instruction"]``: the per-task true vs wrong instruction tables of the
+    model and the blind control, or null tables and a note when there is only one task."""
+    tasks = sorted({rows["prompt"][i] for i in rows_of_kind(rows, "episode")})
+    model = instruction_metrics(rows)
+    note = None
+    if model is None and len(tasks) < 2:
+        note = f"the wrong-instruction check needs >= 2 tasks; the episodes hold {len(tasks)}"
+    elif model is None:
+        note = "the wrong-instruction check was not made: the embeddings hold no language vector"
+    return {
+        "tasks": tasks,
+        "wrong_instruction": "mean final value over the other tasks' instructions",
+        "note": note,
+        "model": model,
+        "blind": instruction_metrics(blind_rows) if blind_rows else None,
+    }
+
+
+def _csv_tables(model_metrics: dict, blind_metrics: dict | None, instruction: dict) -> dict:
+    """metrics.csv: every curve metric, plus the instruction table as prefix-curve rows."""
+    tables = {"model": model_metrics, **({"blind": blind_metrics} if blind_metrics else {})}
+    out = {}
+    for name, kinds in tables.items():
+        prefix = {**kinds["prefix"], **instruction_csv(instruction[name])}
+        out[name] = {**kinds, "prefix": prefix}
+    return out
+
+
 def run_evaluate(
     cfg: Config,
     checkpoint: str | None = None,
@@ -335,12 +408,13 @@ def run_evaluate(
         "causal_max_abs_diff": causal_gap(rows),
         "curves": model_metrics,
         "blind_control": blind_metrics,
+        "instruction": instruction_summary(rows, blind_rows),
     }
     out = ecfg.output
     metrics_path = os.path.join(out, "metrics.json")
     write_json(metrics_path, result)
-    tables = {"model": model_metrics, **({"blind": blind_metrics} if blind_metrics else {})}
-    write_csv(os.path.join(out, "metrics.csv"), tables)
+    csv_tables = _csv_tables(model_metrics, blind_metrics, result["instruction"])
+    write_csv(os.path.join(out, "metrics.csv"), csv_tables)
     for name, kind in (("curves.json", "episode"), ("rewound_curves.json", "rewound")):
         keep = rows_of_kind(rows, kind)
         write_json(os.path.join(out, name), {k: [v[i] for i in keep] for k, v in rows.items()})
@@ -379,9 +453,10 @@ def run_evaluate(
             plot_path,
             cards,
             ecfg.embed_videos_mb,
+            instruction=result["instruction"],
         )
     logger.info("wrote %s, %s and %s", metrics_path, plot_path, report_path or "no report")
-    log_metrics(model_metrics, blind_metrics)
+    log_metrics(model_metrics, blind_metrics, result["instruction"])
     return EvalResult(result, metrics_path, plot_path, report_path, rows, blind_rows)
 
 
@@ -396,7 +471,7 @@ KEY_METRICS = [
 ]
 
 
-def metrics_lines(model: dict, blind: dict | None) -> list[str]:
+def metrics_lines(model: dict, blind: dict | None, instruction: dict | None = None) -> list[str]:
     lines = [f"{'':42s} {'model':>8s} {'blind':>8s}"]
     for kind in model:
         lines.append(f"-- {kind} curves")
@@ -405,11 +480,30 @@ def metrics_lines(model: dict, blind: dict | None) -> list[str]:
                 continue
             b = blind[kind].get(key) if blind else None
             lines.append(f"{label:42s} {_fmt(model[kind][key]):>8s} {_fmt(b):>8s}")
+    if instruction is not None:
+        lines += instruction_lines(instruction)
     return lines
 
 
-def log_metrics(model: dict, blind: dict | None) -> None:
-    logger.info("evaluation\n%s", "\n".join(metrics_lines(model, blind)))
+def instruction_lines(instruction: dict) -> list[str]:
+    """Final prefix value of the successful episodes per task, true then wrong instruction."""
+    if instruction["model"] is None:
+        return [f"-- instruction: {instruction['note']}"]
+    lines = ["-- final value, true / wrong instruction (prefix, successful episodes)"]
+    blind = {(r["task"], r["outcome"]): r for r in instruction["blind"] or []}
+    for row in instruction["model"]:
+        if row["outcome"] != "success":
+            continue
+        other = blind.get((row["task"], "success"), {})
+        for which in ("true", "wrong"):
+            label = f"{row['task'][:33]} | {which}"
+            value, b = row[f"final_{which}"], other.get(f"final_{which}")
+            lines.append(f"{label:42s} {_fmt(value):>8s} {_fmt(b):>8s}")
+    return lines
+
+
+def log_metrics(model: dict, blind: dict | None, instruction: dict | None = None) -> None:
+    logger.info("evaluation\n%s", "\n".join(metrics_lines(model, blind, instruction)))
 
 
 def _fmt(value) -> str:
