@@ -5,7 +5,9 @@
     scan (metadata and cheap checks, no frames; Ray tasks when there are several files)
       -> HDF5EpisodeDatasource      read tasks: fixed-size frame blocks, episodes in order
       -> map_batches(FrameEmbedder) actor pool (one per GPU with num_actors 0), restarted
-                                    by Ray when an actor dies, its batch retried
+                                    by Ray when an actor dies, its batch retried; a GPU
+                                    actor runs ``calls_per_actor`` batches at once (copies
+                                    of one overlap the compute of another)
       -> driver: EpisodeAssembler   frame embeddings -> whole episodes
       -> ShardWriter                every ``episodes_per_shard`` episodes: one Parquet file,
                                     written in tmp/ and renamed into shards/ (the commit)
@@ -21,7 +23,8 @@ per dimension; ~3 KB per frame for a 768-d backbone), keeps only unfinished epis
 next shard or two in memory, and commits shards as episodes finish. Reading, inference and
 writing overlap: Ray Data streams read tasks into the actors while the driver consumes their
 output and a background thread writes the previous shard. Memory is bounded by Ray Data's
-streaming backpressure, not by the number of episodes.
+streaming backpressure (an object-store budget of a few dozen blocks per actor, see
+``_streaming_context``), not by the number of episodes.
 
 Output folder, resume, overwrite
 --------------------------------
