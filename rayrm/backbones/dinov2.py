@@ -503,7 +503,7 @@ class DinoV2Encoder:
     """Frames -> CLS embeddings with a loaded DINOv2 ViT (used by ``dinov2`` and
     ``dinov2_minilm``).
 
-    Safe to call from several threads at once (``rayrm.embed`` runs two calls per GPU actor):
+    Safe to call from several threads at once (``rayrm.embed`` runs three calls per GPU actor):
     on a GPU each thread has its own CUDA stream and pinned staging buffer, so one batch's
     host-to-device copy and readback overlap another batch's compute.
 
