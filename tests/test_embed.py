@@ -198,6 +198,33 @@ def test_frame_embedder_overlaps_calls_only_for_thread_safe_backbones(monkeypatc
     assert most_inside[0] == (2 if thread_safe else 1)
 
 
+def call_within(seconds: float, fn, *args):
+    """``fn(*args)`` in a daemon thread: a call that hangs fails the test, not the run."""
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(fn(*args)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert result, f"{fn.__qualname__} did not return within {seconds} s"
+    return result[0]
+
+
+def test_gpu_run_embeds_dinov2_style_prompts_on_a_cpu_without_waiting(tiny_run):
+    """With GPU actors, a backbone whose prompt vectors are the same on the CPU
+    (``prompts_on_cpu``) gets them from a CPU task started beside the actors: this Ray has no
+    GPU, so a task that asked for one (the path VLMs take) would never run."""
+    assert build_backbone(tiny_run.backbone).prompts_on_cpu
+    cfg = with_embed(tiny_run, num_gpus_per_actor=1.0)
+    episodes, _ = scan_episodes([tiny_run.embed.input], cfg.embed.camera)
+    facts = call_within(30, rayrm.embed.BackboneFacts, cfg, episodes)
+    vectors, visual_dim, language_dim = call_within(60, facts.get)
+    backbone = build_backbone(tiny_run.backbone)
+    assert (visual_dim, language_dim) == (backbone.visual_dim, backbone.language_dim)
+    prompts = sorted({e.prompt for e in episodes})
+    assert sorted(vectors) == prompts
+    expected = backbone.embed_prompts(prompts)
+    np.testing.assert_allclose(np.stack([vectors[p] for p in prompts]), expected)
+
+
 # --------------------------------------------------------------------------- more runs
 
 

@@ -600,6 +600,7 @@ class DinoV2Backbone(Backbone):
 
     language_dim = 0
     thread_safe = True
+    prompts_on_cpu = True
 
     def __init__(self, cfg: BackboneConfig, device: torch.device | None = None):
         super().__init__(cfg, device)

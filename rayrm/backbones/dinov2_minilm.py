@@ -27,6 +27,7 @@ from rayrm.config import BackboneConfig
 @register_backbone("dinov2_minilm")
 class DinoV2MiniLMBackbone(Backbone):
     thread_safe = True  # frames go through the thread-safe DinoV2Encoder only
+    prompts_on_cpu = True
 
     def __init__(self, cfg: BackboneConfig, device: torch.device | None = None):
         super().__init__(cfg, device)

@@ -40,6 +40,7 @@ def _image_encoder(visual_dim: int) -> nn.Module:
 @register_backbone("tiny")
 class TinyBackbone(Backbone):
     thread_safe = True
+    prompts_on_cpu = True
 
     def __init__(self, cfg: BackboneConfig, device: torch.device | None = None):
         super().__init__(cfg, device)
