@@ -125,6 +125,7 @@ from rayrm.data.hdf5 import (
     scan_episodes,
     scan_file,
 )
+from rayrm.data.shards import replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -477,7 +478,7 @@ class WorkFolder:
         """Drop the run's bookkeeping, then rename the folder to ``output``."""
         shutil.rmtree(self.tmp, ignore_errors=True)
         os.remove(self._file(RUN_NAME))
-        _publish(self.path, output)
+        replace_folder(self.path, output)
 
     def _file(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -498,33 +499,6 @@ class WorkFolder:
 def _settings_diff(old: dict, new: dict) -> str:
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
-
-
-def _sibling(output: str, tag: str) -> str:
-    """A unique hidden folder next to ``output`` (same file system, so renames are atomic)."""
-    parent = os.path.dirname(os.path.abspath(output))
-    return os.path.join(parent, f".{os.path.basename(output)}.{tag}-{uuid.uuid4().hex[:8]}")
-
-
-def _publish(partial: str, output: str) -> None:
-    """Move the finished ``partial`` folder to ``output``, replacing an old one.
-
-    The old output is renamed aside first and deleted only once the new one is in place, so
-    a failure in between leaves the old output where it was."""
-    if not os.path.exists(output):
-        os.replace(partial, output)
-        return
-    old = _sibling(output, "old")
-    os.replace(output, old)
-    try:
-        os.replace(partial, output)
-    except BaseException:
-        os.replace(old, output)
-        raise
-    if os.path.isdir(old):
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.remove(old)
 
 
 # --------------------------------------------------------------------------- writing shards

@@ -36,6 +36,7 @@ from rayrm.backbones import base as backbones_base
 from rayrm.config import BackboneConfig
 from rayrm.data import schema
 from rayrm.data.hdf5 import HDF5EpisodeDatasource, InvalidEpisodesError, scan_episodes
+from rayrm.data.shards import replace_folder
 from rayrm.embed import FrameEmbedder, run_embed
 
 
@@ -414,8 +415,8 @@ def test_replacing_the_output_is_undone_when_the_final_rename_fails(tmp_path, mo
             raise OSError("rename failed")
         real_replace(src, dst)
 
-    monkeypatch.setattr(rayrm.embed.os, "replace", replace)
+    monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(OSError, match="rename failed"):
-        rayrm.embed._publish(str(partial), str(output))
+        replace_folder(str(partial), str(output))
     assert os.listdir(output) == ["keep.txt"]
     assert sorted(os.listdir(tmp_path)) == [".emb.partial-x", "emb"]  # nothing else left

@@ -30,7 +30,6 @@ import logging
 import os
 import shutil
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 
@@ -42,7 +41,13 @@ import ray
 
 from rayrm.config import AnnotateConfig
 from rayrm.data import schema
-from rayrm.data.shards import read_episode_index, read_manifest, shard_dir
+from rayrm.data.shards import (
+    read_episode_index,
+    read_manifest,
+    replace_folder,
+    shard_dir,
+    sibling_path,
+)
 from rayrm.stages import boundary_problem, stage_labels
 
 logger = logging.getLogger(__name__)
@@ -208,27 +213,6 @@ def _label_shard(source: str, target: str, boundaries: dict[str, list[int]]) -> 
     return table.num_rows
 
 
-def _sibling(path: str, tag: str) -> str:
-    """A unique hidden folder next to ``path`` (same file system, so renames are atomic)."""
-    parent = os.path.dirname(os.path.abspath(path))
-    return os.path.join(
-        parent, f".{os.path.basename(os.path.abspath(path))}.{tag}-{uuid.uuid4().hex[:8]}"
-    )
-
-
-def replace_folder(new: str, target: str) -> None:
-    """Put the finished folder ``new`` at ``target``; the old one is deleted only once the new
-    one is in place, and restored if the swap fails."""
-    old = _sibling(target, "old")
-    os.replace(target, old)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _write_labelled(path: str, partial: str, stages: StageFile, unannotated: list[str]) -> int:
     files = sorted(f for f in os.listdir(shard_dir(path)) if f.endswith(".parquet"))
     os.makedirs(os.path.join(partial, schema.SHARDS_DIR))
@@ -292,7 +276,7 @@ def run_annotate(cfg: AnnotateConfig) -> AnnotateResult:
             ", ".join(unannotated[:10]),
             " ..." if len(unannotated) > 10 else "",
         )
-    partial = _sibling(path, "annotating")
+    partial = sibling_path(path, "annotating")
     try:
         rows = _write_labelled(path, partial, stages, unannotated)
         if rows != len(num_frames):

@@ -1,10 +1,13 @@
-"""Reading embedding shards (layout in ``rayrm.data.schema``) and splitting episodes."""
+"""Reading embedding shards (layout in ``rayrm.data.schema``), splitting episodes, and putting a
+finished shard folder in place (``rayrm embed`` and ``rayrm annotate`` both publish one)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +23,34 @@ from rayrm.data import schema
 
 class ShardError(ValueError):
     """Embedding shards that are missing, incomplete or inconsistent."""
+
+
+def sibling_path(path: str, tag: str) -> str:
+    """A unique hidden name next to ``path`` (same file system, so renames are atomic)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    name = os.path.basename(os.path.abspath(path))
+    return os.path.join(parent, f".{name}.{tag}-{uuid.uuid4().hex[:8]}")
+
+
+def replace_folder(new: str, target: str) -> None:
+    """Move the finished folder ``new`` to ``target``, replacing whatever is there.
+
+    The old ``target`` is renamed aside first and deleted only once the new one is in place,
+    so a failure in between leaves the old one where it was."""
+    if not os.path.exists(target):
+        os.replace(new, target)
+        return
+    old = sibling_path(target, "old")
+    os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    if os.path.isdir(old):
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.remove(old)
 
 
 def read_manifest(path: str) -> dict[str, Any]:
