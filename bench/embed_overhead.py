@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument(
-        "--frames-per-block", type=int, help="frames per read block (default 4 batches)"
+        "--frames-per-block", type=int, help="frames per read block (default 8 batches)"
     )
     parser.add_argument("--episode-frames", type=int, default=200)
     parser.add_argument("--episodes-per-shard", type=int, default=64)
@@ -139,7 +139,7 @@ def run_pipeline(backbone_cfg: BackboneConfig, h5_path: str, workdir: str, args)
             input=h5_path,
             output=os.path.join(workdir, "embeddings"),
             batch_size=args.batch_size,
-            frames_per_block=args.frames_per_block or 4 * args.batch_size,
+            frames_per_block=args.frames_per_block or 8 * args.batch_size,
             episodes_per_shard=args.episodes_per_shard,
             torch_threads=args.threads,
             overwrite=True,
@@ -196,7 +196,7 @@ def main(argv=None) -> int:
         args.size,
         args.size,
         args.batch_size,
-        args.frames_per_block or 4 * args.batch_size,
+        args.frames_per_block or 8 * args.batch_size,
         args.threads,
         os.cpu_count(),
         "warm" if args.warm else "cold (its own actors start in the timed run)",

@@ -138,8 +138,11 @@ _MAX_SCAN_TASKS = 64
 _BLOCKS_PER_READ_TASK = 16
 _BATCHES_QUEUED_PER_ACTOR = 4
 _GPU_CALLS_PER_ACTOR = 3
-_BLOCKS_AHEAD_PER_ACTOR = 32  # Ray Data's object store budget for one pipeline run...
-_MIN_READ_AHEAD_BYTES = 256 << 20  # ...and its floor
+# Ray Data's object store budget for one pipeline run, in blocks per actor (see
+# _streaming_context), and its floor.
+_BLOCKS_AHEAD_PER_GPU_ACTOR = 32
+_BLOCKS_AHEAD_PER_CPU_ACTOR = 8
+_MIN_READ_AHEAD_BYTES = 256 << 20
 
 
 # --------------------------------------------------------------------------- the actors
@@ -669,14 +672,20 @@ def _streaming_context(ecfg: EmbedConfig, episodes: list[EpisodeInfo]) -> Iterat
     Memory: reading is far faster than embedding, and Ray Data lets the read-ahead grow up to
     its share of the object store (GBs), so the peak grew with the run's length (measured:
     317 MiB for 500 episodes, 897 MiB for 2,000). A limit of blocks per actor keeps the peak
-    flat. It must still leave room for several read tasks: Ray Data admits a read task only
-    when its share of the budget holds the task's two buffered output blocks, and with 8
-    blocks per actor one read task ran at a time, which bounded DINOv2 on an H100 at 5,340
-    frames/s (224x224, blocks of 256 frames) against 7,700 for the bare loop.
+    flat. Ray Data admits a read task only when its share of the budget holds the task's two
+    buffered output blocks, so the limit also sets how many read tasks run at once:
+    - GPU actors, 32 blocks: with 8, one read task ran at a time, which bounded DINOv2 on an
+      H100 at 5,340 frames/s (224x224, blocks of 256 frames) against 7,700 for the bare loop;
+    - CPU actors, 8 blocks: they embed far slower than one task reads, and further read tasks
+      only take CPU from them (measured with tiny on 2 cores, blocks of 4,096 frames: 0.97 of
+      the bare loop after start-up with 8 blocks, 0.95 with 32).
     (A Dataset keeps the DataContext it was created under.)
     """
     block_bytes = ecfg.frames_per_block * max(int(np.prod(e.frame_shape)) for e in episodes)
     actors = max(ecfg.num_actors, ecfg.max_actors, 1)
+    per_actor = (
+        _BLOCKS_AHEAD_PER_GPU_ACTOR if ecfg.num_gpus_per_actor > 0 else _BLOCKS_AHEAD_PER_CPU_ACTOR
+    )
     ctx = ray.data.DataContext.get_current()
     saved = ctx.target_max_block_size, ctx.execution_options, ctx.memory_usage_poll_interval_s
     ctx.target_max_block_size = max(1, int(0.8 * block_bytes))
@@ -685,9 +694,7 @@ def _streaming_context(ecfg: EmbedConfig, episodes: list[EpisodeInfo]) -> Iterat
     ctx.memory_usage_poll_interval_s = None
     ctx.execution_options = copy.deepcopy(ctx.execution_options)
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
-        object_store_memory=max(
-            _MIN_READ_AHEAD_BYTES, _BLOCKS_AHEAD_PER_ACTOR * actors * block_bytes
-        )
+        object_store_memory=max(_MIN_READ_AHEAD_BYTES, per_actor * actors * block_bytes)
     )
     try:
         yield
