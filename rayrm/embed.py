@@ -676,9 +676,9 @@ def _streaming_context(ecfg: EmbedConfig, episodes: list[EpisodeInfo]) -> Iterat
     buffered output blocks, so the limit also sets how many read tasks run at once:
     - GPU actors, 32 blocks: with 8, one read task ran at a time, which bounded DINOv2 on an
       H100 at 5,340 frames/s (224x224, blocks of 256 frames) against 7,700 for the bare loop;
-    - CPU actors, 8 blocks: they embed far slower than one task reads, and further read tasks
-      only take CPU from them (measured with tiny on 2 cores, blocks of 4,096 frames: 0.97 of
-      the bare loop after start-up with 8 blocks, 0.95 with 32).
+    - CPU actors, 8 blocks: they embed far slower than one task reads, so more read-ahead
+      only holds memory and competes for the CPUs (measured with tiny on 2 cores, blocks of
+      4,096 frames: 0.86-0.90 of the bare loop in four runs with 8 blocks, 0.86 in one with 32).
     (A Dataset keeps the DataContext it was created under.)
     """
     block_bytes = ecfg.frames_per_block * max(int(np.prod(e.frame_shape)) for e in episodes)
