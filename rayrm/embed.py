@@ -218,20 +218,14 @@ class FrameEmbedder:
         return visual
 
 
-def embed_prompts(backbone_cfg: BackboneConfig, prompts: list[str]) -> dict[str, np.ndarray]:
-    """Runs inside a Ray task so a GPU backbone never loads on the driver."""
-    vectors = build_backbone(backbone_cfg).embed_prompts(prompts)
-    return dict(zip(prompts, vectors))
-
-
 def describe_backbone(
     backbone_cfg: BackboneConfig, prompts: list[str], on_cpu: bool = False
 ) -> tuple[dict[str, np.ndarray], int, int]:
     """Prompt vectors and the backbone's (visual_dim, language_dim), from one model load.
 
-    Runs inside a Ray task (like :func:`embed_prompts`) so a GPU backbone never loads on the
-    driver; the dims go into the manifest without reading the written shards back. ``on_cpu``
-    builds the backbone on the CPU whatever the task's node has (``Backbone.prompts_on_cpu``)."""
+    Runs inside a Ray task so a GPU backbone never loads on the driver; the dims go into the
+    manifest without reading the written shards back. ``on_cpu`` builds the backbone on the CPU
+    whatever the task's node has (``Backbone.prompts_on_cpu``)."""
     backbone = build_backbone(backbone_cfg, torch.device("cpu") if on_cpu else None)
     if not prompts:  # every episode failed the checks: only the dims are needed
         return {}, int(backbone.visual_dim), int(backbone.language_dim)

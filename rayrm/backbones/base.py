@@ -43,8 +43,8 @@ class Backbone(abc.ABC):
 
     visual_dim: int
     language_dim: int
-    # May ``embed_frames`` run in several threads at once? rayrm.embed overlaps two calls per
-    # GPU actor when it may, and serialises them otherwise (tokenizers, for one, are not).
+    # May ``embed_frames`` run in several threads at once? rayrm.embed overlaps several calls
+    # per GPU actor when it may, and serialises them otherwise (tokenizers, for one, are not).
     thread_safe: bool = False
     # Do ``embed_prompts`` and the dims come out the same when built on the CPU, at a cost
     # small beside a GPU actor's start (a float32 text encoder, a ViT's weights)? rayrm.embed
