@@ -33,7 +33,7 @@ from ray.data.block import BlockAccessor
 import rayrm.embed
 from rayrm.backbones import Backbone, build_backbone, register_backbone
 from rayrm.backbones import base as backbones_base
-from rayrm.config import BackboneConfig
+from rayrm.config import BackboneConfig, EmbedConfig
 from rayrm.data import schema
 from rayrm.data.hdf5 import HDF5EpisodeDatasource, InvalidEpisodesError, scan_episodes
 from rayrm.data.shards import replace_folder
@@ -168,6 +168,38 @@ def test_frame_embedder_mixed_sizes_and_wrong_dims(monkeypatch):
         embedder({**batch, "frame": small})
 
 
+def test_frame_embedder_runs_the_backbone_on_batch_size_frames_at_a_time(monkeypatch):
+    """A call gets whole read blocks; the backbone still sees ``embed.batch_size`` frames."""
+    monkeypatch.setattr(backbones_base, "_REGISTRY", dict(backbones_base._REGISTRY))
+    seen: list[int] = []
+
+    @register_backbone("test-record-batches")
+    class RecordBatches(Backbone):
+        visual_dim, language_dim = 1, 0
+
+        def embed_frames(self, frames, prompts):
+            seen.append(len(frames))
+            assert len(prompts) == len(frames)
+            return frames[:, 0, 0, :1].astype(np.float32)  # the frame's own value
+
+    frames = np.arange(7, dtype=np.uint8).reshape(7, 1, 1, 1).repeat(3, axis=3)
+    batch = {"episode_id": np.arange(7), "frame_index": np.arange(7), "prompt": np.full(7, "p")}
+    out = FrameEmbedder(BackboneConfig(name="test-record-batches"), batch_size=3)(
+        {**batch, "frame": frames}
+    )
+    assert seen == [3, 3, 1]
+    np.testing.assert_array_equal(out["visual_embedding"][:, 0], np.arange(7))
+
+
+@pytest.mark.parametrize(
+    "batch_size, frames_per_block, per_call",
+    [(512, 4096, 4096), (512, 1000, 512), (256, 64, 256), (5, 12, 10)],
+)
+def test_a_call_takes_whole_blocks_of_whole_batches(batch_size, frames_per_block, per_call):
+    ecfg = EmbedConfig(batch_size=batch_size, frames_per_block=frames_per_block)
+    assert rayrm.embed._frames_per_call(ecfg) == per_call
+
+
 @pytest.mark.parametrize("thread_safe", [False, True])
 def test_frame_embedder_overlaps_calls_only_for_thread_safe_backbones(monkeypatch, thread_safe):
     """Ray runs calls_per_actor calls of one actor in threads; a backbone that is not
@@ -261,17 +293,24 @@ def test_two_input_files_and_prompt_override(tiny_run, tmp_path):
     assert leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("calls_per_actor", [1, 2])
-def test_two_actors_and_odd_batches_give_the_same_output(tiny_run, tmp_path, calls_per_actor):
+@pytest.mark.parametrize(
+    "calls_per_actor, frames_per_block",
+    [(1, 3), (2, 3), (1, 12)],
+    ids=["1call", "2calls", "blocks"],
+)
+def test_two_actors_and_odd_batches_give_the_same_output(
+    tiny_run, tmp_path, calls_per_actor, frames_per_block
+):
     # Blocks of 3 frames and batches of 5 spread every episode over several batches (and
     # actors, and with two calls per actor, threads), so the episode rows must be
-    # reassembled from pieces in any order.
+    # reassembled from pieces in any order. Blocks of 12: each call takes 10 frames and
+    # the actor runs the backbone on 5 at a time.
     cfg = with_embed(
         tiny_run,
         output=str(tmp_path / "emb"),
         num_actors=2,
         batch_size=5,
-        frames_per_block=3,
+        frames_per_block=frames_per_block,
         calls_per_actor=calls_per_actor,
     )
     run_embed(cfg)
