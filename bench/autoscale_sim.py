@@ -4,8 +4,10 @@ What a cloud cluster from ``cluster.yaml`` does when a job needs GPUs, on this m
 
 1. the head starts alone (``RAY_FAKE_CLUSTER=1 ray start --head --autoscaling-config=...``,
    private temp folder and free ports, see ``tests/_local_ray.py``);
-2. an embedding job is submitted with ``ray job submit --working-dir .`` and asks for
-   ``--actors`` backbone actors of one GPU each (``embed.num_gpus_per_actor: 1``);
+2. an embedding job is submitted with ``ray job submit`` and asks for ``--actors`` backbone
+   actors of one GPU each (``embed.num_gpus_per_actor: 1``); rayrm comes from this checkout
+   through ``PYTHONPATH``, not ``--working-dir`` (fake nodes share the head's session folder,
+   where every node's agent would unpack the working dir again: see ``tests/_local_ray.py``);
 3. the autoscaler sees the pending GPU demand and launches worker nodes of cluster.yaml's
    types (fake nodes: extra raylets on this machine that declare the same GPUs and custom
    resources), the job runs on them and finishes;
@@ -36,7 +38,6 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-FAKE_HEAD_TYPE = "ray.head.default"  # the name the fake provider gives the head node
 logger = logging.getLogger("autoscale_sim")
 
 
@@ -48,11 +49,11 @@ def _load_local_ray():
     return module
 
 
-def fake_autoscaling_config(args, gcs_address: str) -> dict:
-    """cluster.yaml's node types on the fake_multinode provider."""
+def worker_types(args) -> tuple[dict, int]:
+    """cluster.yaml's worker node types, capped (see the module docstring); head CPUs."""
     real = yaml.safe_load((REPO / "cluster.yaml").read_text())
     head = real["available_node_types"][real["head_node_type"]]
-    types = {FAKE_HEAD_TYPE: {"resources": {}, "node_config": {}, "max_workers": 0}}
+    types = {}
     for name, node_type in real["available_node_types"].items():
         if name == real["head_node_type"]:
             continue
@@ -60,36 +61,9 @@ def fake_autoscaling_config(args, gcs_address: str) -> dict:
         resources["CPU"] = min(resources["CPU"], args.cpus_per_node)
         types[name] = {
             "resources": resources,
-            "node_config": {},
-            "min_workers": 0,
             "max_workers": min(node_type["max_workers"], args.max_workers),
         }
-    return {
-        "cluster_name": "rayrm-sim",
-        "max_workers": sum(t["max_workers"] for t in types.values()),
-        "upscaling_speed": real.get("upscaling_speed", 1.0),
-        "idle_timeout_minutes": args.idle_timeout_minutes,
-        "provider": {
-            "type": "fake_multinode",
-            "gcs_address": gcs_address,  # else the fake nodes look for a GCS on port 6379
-            "use_node_id_as_ip": True,
-            "disable_node_updaters": True,
-            "disable_launch_config_check": True,
-        },
-        "auth": {"ssh_user": "ubuntu"},
-        "available_node_types": types,
-        "head_node_type": FAKE_HEAD_TYPE,
-        "head_cpus": min(head["resources"].get("CPU", 2), args.cpus_per_node),
-        **{key: [] for key in ("setup_commands", "head_setup_commands", "worker_setup_commands")},
-        **{key: [] for key in ("head_start_ray_commands", "worker_start_ray_commands")},
-        "initialization_commands": [],
-        "file_mounts": {},
-        "cluster_synced_files": [],
-        "file_mounts_sync_continuously": False,
-        "rsync_exclude": [],
-        "rsync_filter": [],
-        "docker": {},
-    }
+    return types, min(head["resources"].get("CPU", 2), args.cpus_per_node)
 
 
 def tiny_embed_config(out: Path, actors: int) -> Path:
@@ -241,17 +215,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     local_ray = _load_local_ray()
     config_path = tiny_embed_config(out, args.actors)
-    cluster = local_ray.LocalRayCluster(
-        num_cpus=2, env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
-    )
-    autoscaling = fake_autoscaling_config(args, cluster.gcs_address)
-    cluster.num_cpus = autoscaling.pop("head_cpus")
-    (out / "fake_cluster.yaml").write_text(yaml.safe_dump(autoscaling, sort_keys=False))
-    cluster.head_args = [f"--autoscaling-config={out / 'fake_cluster.yaml'}"]
+    types, head_cpus = worker_types(args)
+    cluster = local_ray.fake_autoscaling_cluster(head_cpus, types, args.idle_timeout_minutes)
     gpu_types = {
-        t["resources"]["GPU"]: name
-        for name, t in autoscaling["available_node_types"].items()
-        if t["resources"].get("GPU")
+        t["resources"]["GPU"]: name for name, t in types.items() if t["resources"].get("GPU")
     }
     job_rc = None
     with cluster.running():
@@ -259,8 +226,9 @@ def main() -> None:
         sampler.start()
         try:
             sampler.mark("head up")
+            embed_job = str(REPO / "jobs" / "embed.py")
             done = cluster.submit(
-                "embed-sim", "python", "jobs/embed.py", "--config", str(config_path)
+                "embed-sim", "python", embed_job, "--config", str(config_path), working_dir=None
             )
             job_rc = done.returncode
             (out / "job.log").write_text(done.stdout + done.stderr)

@@ -161,6 +161,9 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    # When the cluster lacks the workers' CPUs/GPUs: 0 fails at once (a fixed cluster);
+    # > 0 asks the autoscaler for them and waits up to this many seconds (cluster configs).
+    wait_for_resources_s: float = 0.0
     torch_threads: int = 0  # 0 = leave torch's default
     batch_size: int = 256  # global batch, split evenly over workers
     epochs: int = 100  # an epoch = as many windows as training frames (seed)

@@ -13,6 +13,13 @@ cluster:
   themselves, so the command line cannot identify them). Never ``ray stop``: that stops every
   Ray on the machine.
 
+``fake_autoscaling_cluster`` adds Ray's ``fake_multinode`` autoscaler: worker nodes of the
+given types are extra raylets on this machine, launched on demand and removed when idle.
+They share the head's session folder, so each node's runtime-env agent unpacks a job's
+``--working-dir`` into the same place, under the feet of processes that run from it (seen: a
+task whose working directory vanished while it imported torch). Jobs on it therefore run
+rayrm from this checkout through ``PYTHONPATH``, without a working dir.
+
 The ``python`` of a job entrypoint resolves through the PATH of ``ray start``, so the PATH
 given to it starts with this interpreter's folder (the project's venv).
 """
@@ -168,6 +175,75 @@ class LocalRayCluster:
             yield self
         finally:
             self.stop()
+
+
+FAKE_HEAD_TYPE = "ray.head.default"  # the name the fake provider gives the head node
+
+
+def fake_autoscaling_config(
+    gcs_address: str, worker_types: dict[str, dict], idle_timeout_minutes: float = 1.0
+) -> dict:
+    """An autoscaling config for Ray's ``fake_multinode`` provider.
+
+    ``worker_types``: name -> ``{"resources": {...}, "min_workers": n, "max_workers": m}``,
+    as in cluster.yaml's ``available_node_types`` (``node_config`` is not used)."""
+    types = {FAKE_HEAD_TYPE: {"resources": {}, "node_config": {}, "max_workers": 0}}
+    for name, node_type in worker_types.items():
+        types[name] = {"node_config": {}, "min_workers": 0, **node_type}
+    empty_lists = (
+        "setup_commands",
+        "head_setup_commands",
+        "worker_setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+        "initialization_commands",
+        "cluster_synced_files",
+        "rsync_exclude",
+        "rsync_filter",
+    )
+    return {
+        "cluster_name": "rayrm-fake",
+        "max_workers": sum(t["max_workers"] for t in types.values()),
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": idle_timeout_minutes,
+        "provider": {
+            "type": "fake_multinode",
+            "gcs_address": gcs_address,  # else the fake nodes look for a GCS on port 6379
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+        },
+        "auth": {"ssh_user": "ubuntu"},
+        "available_node_types": types,
+        "head_node_type": FAKE_HEAD_TYPE,
+        **{key: [] for key in empty_lists},
+        "file_mounts": {},
+        "file_mounts_sync_continuously": False,
+        "docker": {},
+    }
+
+
+def fake_autoscaling_cluster(
+    head_cpus: int,
+    worker_types: dict[str, dict],
+    idle_timeout_minutes: float = 1.0,
+    env: dict[str, str] | None = None,
+) -> LocalRayCluster:
+    """A head of ``head_cpus`` CPUs whose autoscaler adds ``worker_types`` nodes on demand
+    (started by ``.running()``, like any :class:`LocalRayCluster`). Submit jobs to it with
+    ``working_dir=None`` and entrypoints by absolute path (see the module docstring)."""
+    fake_env = {
+        "RAY_FAKE_CLUSTER": "1",
+        "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+        "PYTHONPATH": str(REPO),  # see the module docstring: no --working-dir here
+    }
+    cluster = LocalRayCluster(num_cpus=head_cpus, env={**fake_env, **(env or {})})
+    config = fake_autoscaling_config(cluster.gcs_address, worker_types, idle_timeout_minutes)
+    path = os.path.join(cluster.temp_dir, "autoscaling.json")
+    with open(path, "w") as f:
+        json.dump(config, f)
+    cluster.head_args = [f"--autoscaling-config={path}"]
+    return cluster
 
 
 def processes_with_env_value(value: str) -> list[int]:

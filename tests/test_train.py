@@ -12,9 +12,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
+import ray.autoscaler.sdk
 import torch
+from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+from ray.experimental.internal_kv import _internal_kv_get
 from safetensors.torch import load_file
 
+import rayrm.train.trainer
 from rayrm.config import ModelConfig, TrainConfig
 from rayrm.data import schema
 from rayrm.data.shards import EpisodeBatch, ShardError
@@ -127,6 +132,32 @@ def test_too_many_workers_fails_before_training(tiny_run, tmp_path):
     cfg = with_train(tiny_run, tmp_path, num_workers=64, cpus_per_worker=0.5)
     with pytest.raises(ValueError, match="num_workers=64"):
         run_train(cfg)
+
+
+def test_too_few_cpus_fail_at_once_on_a_fixed_cluster(tiny_run, tmp_path):
+    cfg = with_train(tiny_run, tmp_path, num_workers=2, cpus_per_worker=64)
+    with pytest.raises(ValueError, match=r"needs 128 CPU but the cluster has 4 CPU.*wait_for"):
+        run_train(cfg)
+
+
+def test_waiting_for_the_autoscaler_asks_for_the_workers_then_withdraws(
+    tiny_run, tmp_path, monkeypatch
+):
+    """This Ray has no autoscaler: the wait times out, and the request does not outlive it
+    (a request left behind would keep an autoscaling cluster's nodes up forever)."""
+    requests = []
+    real_request = ray.autoscaler.sdk.request_resources
+    monkeypatch.setattr(
+        ray.autoscaler.sdk,
+        "request_resources",
+        lambda bundles: (requests.append(bundles), real_request(bundles=bundles)),
+    )
+    monkeypatch.setattr(rayrm.train.trainer, "_RESOURCE_POLL_S", 0.1)
+    cfg = with_train(tiny_run, tmp_path, num_workers=2, cpus_per_worker=64, wait_for_resources_s=1)
+    with pytest.raises(TimeoutError, match=r"needs 128 CPU; after 1 s the cluster has 4 CPU"):
+        run_train(cfg)
+    assert requests == [[{"CPU": 64.0}, {"CPU": 64.0}], []]
+    assert json.loads(_internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)) == []
 
 
 def test_missing_embeddings_is_a_clear_error(tiny_run, tmp_path):

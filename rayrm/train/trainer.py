@@ -2,7 +2,8 @@
 
 Every check that can fail (missing shards, no training or held-out episodes, more workers than
 episodes or than the cluster can place) runs here, before any worker starts, so a bad run
-fails in seconds with a message instead of hanging.
+fails in seconds with a message instead of hanging. On an autoscaling cluster
+``train.wait_for_resources_s`` turns the last check into a bounded wait for new nodes.
 
 Run: ``rayrm train --config configs/demo.yaml`` (or ``jobs/train.py`` on a cluster). Re-running
 with the same ``train.output`` and ``train.run_name`` resumes from the latest checkpoint.
@@ -14,6 +15,7 @@ import json
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +44,7 @@ from rayrm.train.loop import train_loop_per_worker
 from rayrm.train.tracking import check_trackers
 
 logger = logging.getLogger(__name__)
+_RESOURCE_POLL_S = 2.0  # seconds between looks at the cluster while nodes start
 
 RESULT_FILE = "rayrm_result.json"  # written next to the checkpoints when a run finishes
 
@@ -128,17 +131,71 @@ def _check_resources(cfg: Config, num_train_episodes: int) -> None:
             f"train.num_workers={tcfg.num_workers} but only {num_train_episodes} training "
             "episodes: every worker needs at least one"
         )
-    available = ray.cluster_resources()
+    need = _workers_need(tcfg)
+    short = _shortfall(need, ray.cluster_resources())
+    if not short:
+        return
+    if tcfg.wait_for_resources_s <= 0:
+        raise ValueError(
+            f"train.num_workers={tcfg.num_workers} needs {_describe(need)} but the cluster "
+            f"has {_describe(_have(need))}; lower num_workers or cpus_per_worker, or, on an "
+            "autoscaling cluster, set train.wait_for_resources_s to wait for its new nodes"
+        )
+    _wait_for_autoscaler(tcfg, need)
+
+
+def _workers_need(tcfg: TrainConfig) -> dict[str, float]:
     need = {"CPU": tcfg.num_workers * tcfg.cpus_per_worker}
     if tcfg.use_gpu:
-        need["GPU"] = tcfg.num_workers
-    for resource, amount in need.items():
-        if available.get(resource, 0) < amount:
-            raise ValueError(
-                f"train.num_workers={tcfg.num_workers} needs {amount:g} {resource} but the "
-                f"cluster has {available.get(resource, 0):g}; lower num_workers or "
-                "cpus_per_worker (autoscaling clusters: start the workers first)"
-            )
+        need["GPU"] = float(tcfg.num_workers)
+    return need
+
+
+def _shortfall(need: dict[str, float], have: dict[str, float]) -> dict[str, float]:
+    return {key: amount for key, amount in need.items() if have.get(key, 0.0) < amount}
+
+
+def _have(need: dict[str, float]) -> dict[str, float]:
+    total = ray.cluster_resources()
+    return {key: total.get(key, 0.0) for key in need}
+
+
+def _describe(resources: dict[str, float]) -> str:
+    return ", ".join(f"{amount:g} {key}" for key, amount in resources.items())
+
+
+def _wait_for_autoscaler(tcfg: TrainConfig, need: dict[str, float]) -> None:
+    """Ask the autoscaler for the workers' resources and wait until the cluster holds them.
+
+    For a train-only job on a cluster whose GPU nodes were scaled down (to 0 when idle in
+    cluster.yaml): the autoscaler can add them, but the check above would fail first."""
+    # Imported here: the autoscaler SDK is only needed on this path.
+    from ray.autoscaler.sdk import request_resources
+
+    bundle = {key: amount / tcfg.num_workers for key, amount in need.items()}
+    request_resources(bundles=[bundle] * tcfg.num_workers)
+    logger.info(
+        "the cluster has %s of the %s the workers need; asked the autoscaler for the rest, "
+        "waiting up to %.0f s (train.wait_for_resources_s)",
+        _describe(_have(need)),
+        _describe(need),
+        tcfg.wait_for_resources_s,
+    )
+    deadline = time.monotonic() + tcfg.wait_for_resources_s
+    try:
+        while _shortfall(need, ray.cluster_resources()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"train.num_workers={tcfg.num_workers} needs {_describe(need)}; after "
+                    f"{tcfg.wait_for_resources_s:g} s the cluster has {_describe(_have(need))} "
+                    "(check the autoscaler: `ray status`, node types and max_workers)"
+                )
+            time.sleep(_RESOURCE_POLL_S)
+    finally:
+        # The request persists until replaced: withdraw it, so the nodes can scale down
+        # once training ends (until then the workers' own demand keeps them).
+        request_resources(bundles=[])
+    logger.info("the cluster now has %s", _describe(_have(need)))
 
 
 @dataclass
