@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
+from ray.autoscaler import sdk as autoscaler
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -132,8 +133,7 @@ def _check_resources(cfg: Config, num_train_episodes: int) -> None:
             "episodes: every worker needs at least one"
         )
     need = _workers_need(tcfg)
-    short = _shortfall(need, ray.cluster_resources())
-    if not short:
+    if not _shortfall(need, ray.cluster_resources()):
         return
     if tcfg.wait_for_resources_s <= 0:
         raise ValueError(
@@ -169,11 +169,8 @@ def _wait_for_autoscaler(tcfg: TrainConfig, need: dict[str, float]) -> None:
 
     For a train-only job on a cluster whose GPU nodes were scaled down (to 0 when idle in
     cluster.yaml): the autoscaler can add them, but the check above would fail first."""
-    # Imported here: the autoscaler SDK is only needed on this path.
-    from ray.autoscaler.sdk import request_resources
-
     bundle = {key: amount / tcfg.num_workers for key, amount in need.items()}
-    request_resources(bundles=[bundle] * tcfg.num_workers)
+    autoscaler.request_resources(bundles=[bundle] * tcfg.num_workers)
     logger.info(
         "the cluster has %s of the %s the workers need; asked the autoscaler for the rest, "
         "waiting up to %.0f s (train.wait_for_resources_s)",
@@ -194,7 +191,7 @@ def _wait_for_autoscaler(tcfg: TrainConfig, need: dict[str, float]) -> None:
     finally:
         # The request persists until replaced: withdraw it, so the nodes can scale down
         # once training ends (until then the workers' own demand keeps them).
-        request_resources(bundles=[])
+        autoscaler.request_resources(bundles=[])
     logger.info("the cluster now has %s", _describe(_have(need)))
 
 
