@@ -224,10 +224,7 @@ def fake_autoscaling_config(
 
 
 def fake_autoscaling_cluster(
-    head_cpus: int,
-    worker_types: dict[str, dict],
-    idle_timeout_minutes: float = 1.0,
-    env: dict[str, str] | None = None,
+    head_cpus: int, worker_types: dict[str, dict], idle_timeout_minutes: float = 1.0
 ) -> LocalRayCluster:
     """A head of ``head_cpus`` CPUs whose autoscaler adds ``worker_types`` nodes on demand
     (started by ``.running()``, like any :class:`LocalRayCluster`). Submit jobs to it with
@@ -237,7 +234,7 @@ def fake_autoscaling_cluster(
         "AUTOSCALER_UPDATE_INTERVAL_S": "1",
         "PYTHONPATH": str(REPO),  # see the module docstring: no --working-dir here
     }
-    cluster = LocalRayCluster(num_cpus=head_cpus, env={**fake_env, **(env or {})})
+    cluster = LocalRayCluster(num_cpus=head_cpus, env=fake_env)
     config = fake_autoscaling_config(cluster.gcs_address, worker_types, idle_timeout_minutes)
     path = os.path.join(cluster.temp_dir, "autoscaling.json")
     with open(path, "w") as f:

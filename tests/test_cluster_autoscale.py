@@ -17,6 +17,8 @@ from _local_ray import REPO, fake_autoscaling_cluster
 
 from rayrm.config import to_dict
 
+TRAIN_JOB = str(REPO / "jobs" / "train.py")  # no --working-dir on a fake cluster
+
 
 def train_job_config(tiny_run, out, **train) -> str:
     """tiny_run's embeddings, trained by one worker of 2 CPUs (the head has 1)."""
@@ -25,9 +27,6 @@ def train_job_config(tiny_run, out, **train) -> str:
     path = out / f"train-{uuid.uuid4().hex[:6]}.yaml"
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return str(path)
-
-
-TRAIN_JOB = str(REPO / "jobs" / "train.py")  # no --working-dir on a fake cluster
 
 
 def test_train_only_job_waits_for_the_autoscaler_to_add_a_node(tiny_run, tmp_path):
