@@ -10,12 +10,14 @@ number of torch compute threads:
   pool, driver-side assembly, Parquet shards and manifest out. Its start-up (scan, backbone
   load for the prompts, actor start, model load) is timed; ``ray.init`` is reported apart.
 
-The bare loop runs before and after the pipeline and its mean is the reference, so a load
-change on a shared machine during the run shows up as the gap between the two. The frame
-count is sized from a short calibration so that the bare loop takes ``--seconds``. The last
-line is the ratio pipeline / bare (goal on a 2-core CPU machine with ``tiny``: >= 0.9)::
+The bare loop runs before and after each pipeline run and their mean is that run's
+reference, so a load change on a shared machine during the run shows up as the gap between
+the two. The frame count is sized from a short calibration so that the bare loop takes
+``--seconds``. The last line is the ratio pipeline / bare (goal on a 2-core CPU machine with
+``tiny``: >= 0.9), the median over ``--repeat`` runs::
 
     python bench/embed_overhead.py                       # tiny, 64x64, 1 thread, ~1 min each
+    python bench/embed_overhead.py --repeat 3            # three pipeline runs, the median
     python bench/embed_overhead.py --threads 2 --seconds 30
 """
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import statistics
 import tempfile
 import time
 
@@ -55,6 +58,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--distinct-episodes", type=int, default=400, help="episodes with their own frames"
     )
     parser.add_argument("--workdir", help="folder for the HDF5 and Parquet (default tmp)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="pipeline runs, each on a fresh Ray and followed by a bare loop; the ratio "
+        "printed last is their median (runs on a shared machine vary by several percent)",
+    )
     parser.add_argument(
         "--warm",
         action="store_true",
@@ -149,6 +159,20 @@ def run_pipeline(backbone_cfg: BackboneConfig, h5_path: str, workdir: str, args)
     return run_embed(cfg)
 
 
+def pipeline_on_fresh_ray(backbone_cfg: BackboneConfig, h5_path: str, workdir: str, args):
+    """One pipeline run on a Ray started for it (``ray.init`` is not in the run's time)."""
+    start = time.perf_counter()
+    ray.init(include_dashboard=False, log_to_driver=False)
+    logger.info("ray.init: %.1f s (not in the pipeline's time)", time.perf_counter() - start)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    if args.warm:
+        ray.data.range(10).map_batches(lambda b: b).materialize()
+    try:
+        return run_pipeline(backbone_cfg, h5_path, workdir, args)
+    finally:
+        ray.shutdown()
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -161,6 +185,7 @@ def main(argv=None) -> int:
     logger.info(
         "%d episodes x %d frames of %dx%d", n_episodes, args.episode_frames, args.size, args.size
     )
+    ratios = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
         h5_path = os.path.join(workdir, "episodes.h5")
         write_episodes(h5_path, n_episodes, args)
@@ -169,27 +194,27 @@ def main(argv=None) -> int:
         # Untimed: the first pass of a fresh process ran 10% slower here than later ones.
         bare_fps(backbone, frames_of, max(1, n_episodes // 5), args.batch_size)
         before = bare_fps(backbone, frames_of, n_episodes, args.batch_size)
-        logger.info("bare (before): %.0f frames/s", before)
-        start = time.perf_counter()
-        ray.init(include_dashboard=False, log_to_driver=False)
-        logger.info("ray.init: %.1f s (not in the pipeline's time)", time.perf_counter() - start)
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        if args.warm:
-            ray.data.range(10).map_batches(lambda b: b).materialize()
-        try:
-            result = run_pipeline(backbone_cfg, h5_path, workdir, args)
-        finally:
-            ray.shutdown()
-        pipeline = result.frames_per_second
-        steady = n_frames / (result.seconds - result.startup_seconds)
-        logger.info("pipeline: %.0f frames/s (%d frames, start-up included)", pipeline, n_frames)
-        logger.info(
-            "pipeline start-up %.1f s; after it %.0f frames/s", result.startup_seconds, steady
-        )
-        after = bare_fps(backbone, frames_of, n_episodes, args.batch_size)
-        logger.info("bare (after): %.0f frames/s", after)
-    bare = (before + after) / 2
-    logger.info("pipeline/bare after the start-up: %.3f", steady / bare)
+        logger.info("bare: %.0f frames/s", before)
+        for run in range(1, args.repeat + 1):
+            result = pipeline_on_fresh_ray(backbone_cfg, h5_path, workdir, args)
+            after = bare_fps(backbone, frames_of, n_episodes, args.batch_size)
+            bare = (before + after) / 2  # the bare loops on either side of this run
+            steady = n_frames / (result.seconds - result.startup_seconds)
+            ratios.append(result.frames_per_second / bare)
+            logger.info(
+                "run %d: pipeline %.0f frames/s (%d frames, start-up included; start-up %.1f s, "
+                "after it %.0f frames/s), bare %.0f frames/s after it; ratio %.3f, after the "
+                "start-up %.3f",
+                run,
+                result.frames_per_second,
+                n_frames,
+                result.startup_seconds,
+                steady,
+                after,
+                ratios[-1],
+                steady / bare,
+            )
+            before = after
     logger.info(
         "setup: tiny backbone, %dx%d frames, batch %d, blocks of %d, %d torch thread(s), "
         "%d cores, Ray Data %s",
@@ -201,7 +226,9 @@ def main(argv=None) -> int:
         os.cpu_count(),
         "warm" if args.warm else "cold (its own actors start in the timed run)",
     )
-    logger.info("ratio pipeline/bare: %.3f", pipeline / bare)
+    if len(ratios) > 1:
+        logger.info("ratios: %s (the median last)", ", ".join(f"{r:.3f}" for r in ratios))
+    logger.info("ratio pipeline/bare: %.3f", statistics.median(ratios))
     return 0
 
 
