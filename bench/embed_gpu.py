@@ -170,7 +170,6 @@ def bench_pipeline(
             batch_size=args.batch_size,
             frames_per_block=args.batch_size,
             num_gpus_per_actor=1.0 if use_gpu else 0.0,
-            episodes_per_shard=64,
             calls_per_actor=args.calls_per_actor,
             overwrite=True,
         ),

@@ -37,7 +37,8 @@ import torch
 
 from rayrm.backbones import build_backbone
 from rayrm.config import BackboneConfig, Config, EmbedConfig, RayConfig
-from rayrm.embed import keep_large_allocations_on_the_heap, run_embed
+from rayrm.embed import run_embed
+from rayrm.embed.actor import keep_large_allocations_on_the_heap
 
 logger = logging.getLogger("bench.embed_overhead")
 PROMPT = "Put the cube in the pot."
@@ -53,7 +54,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--frames-per-block", type=int, help="frames per read block (default 8 batches)"
     )
     parser.add_argument("--episode-frames", type=int, default=200)
-    parser.add_argument("--episodes-per-shard", type=int, default=64)
     parser.add_argument(
         "--distinct-episodes", type=int, default=400, help="episodes with their own frames"
     )
@@ -150,7 +150,6 @@ def run_pipeline(backbone_cfg: BackboneConfig, h5_path: str, workdir: str, args)
             output=os.path.join(workdir, "embeddings"),
             batch_size=args.batch_size,
             frames_per_block=args.frames_per_block or 8 * args.batch_size,
-            episodes_per_shard=args.episodes_per_shard,
             torch_threads=args.threads,
             overwrite=True,
         ),

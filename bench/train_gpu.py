@@ -32,12 +32,12 @@ import time
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import torch
 
 from rayrm.config import Config, ModelConfig, TrainConfig
 from rayrm.data import schema
+from rayrm.data.shards import write_episode_folder
 from rayrm.train.loop import Inputs, optimizer_and_schedule, window_loss
 from rayrm.train.model import RewardTransformer
 from rayrm.train.trainer import run_train
@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def write_shards(path: str, n_episodes: int, mean_frames: int) -> None:
-    """Random episode embeddings as an embedding folder (one shard and its manifest)."""
+    """Random episode embeddings as an embedding folder (one chunk per episode)."""
     rng = np.random.default_rng(0)
     lengths = rng.integers(mean_frames // 2, mean_frames * 3 // 2, n_episodes)
     rows = {
@@ -79,20 +79,10 @@ def write_shards(path: str, n_episodes: int, mean_frames: int) -> None:
         "stage_boundaries": [[] for _ in range(n_episodes)],
         "visual_embedding": [rng.standard_normal(t * VISUAL_DIM, np.float32) for t in lengths],
         "language_embedding": [rng.standard_normal(LANGUAGE_DIM, np.float32)] * n_episodes,
-        "progress": [(np.arange(t) + 1) / t for t in lengths],
     }
-    os.makedirs(os.path.join(path, schema.SHARDS_DIR))
     table = pa.Table.from_pydict(rows, schema=schema.EPISODE_SCHEMA)
-    pq.write_table(table, os.path.join(path, schema.SHARDS_DIR, "part-00000.parquet"))
-    manifest = {
-        "backbone": {"name": "bench-random"},
-        "visual_dim": VISUAL_DIM,
-        "language_dim": LANGUAGE_DIM,
-        "num_episodes": n_episodes,
-        "num_frames": int(lengths.sum()),
-    }
-    with open(os.path.join(path, schema.MANIFEST_NAME), "w") as f:
-        json.dump(manifest, f)
+    manifest = {"backbone": {"name": "bench-random"}, "visual_dim": VISUAL_DIM}
+    write_episode_folder(path, table, {**manifest, "language_dim": LANGUAGE_DIM})
 
 
 def synchronize(device: torch.device) -> None:

@@ -1,16 +1,25 @@
-"""Training input throughput: rayrm's window pipeline vs the seed's DataLoader, same data.
+"""Training input: bytes each rank reads, and rayrm's window pipeline vs the seed's DataLoader.
 
     .venv/bin/python bench/train_input.py [--episodes 200] [--frames 300] [--seconds 10]
+
+Bytes per rank: the episodes are written as an embedding folder (``write_episode_folder``),
+assigned to 1, 2 and 4 ranks as ``rayrm train`` assigns them (``assign_episodes``), and each
+rank reads its own with the reader the workers use (``EpisodeReader``, what
+``rayrm.train.loop.load_episodes`` runs): the bytes read per rank, and their total, which must
+be one copy of the training set whatever the worker count.
 
 Both sides produce batches of ``--batch`` windows of L=32 embeddings (D=768) with ReWIND targets
 and rewind augmentation (SEED-SPEC §4), from the same synthetic embeddings:
 
 * seed: a ``torch.utils.data.Dataset`` the seed's way: per sample, a linear scan over the
   episodes for the length-weighted choice, an HDF5 slice of the window, padding through Python
-  lists; a ``DataLoader`` with 4 workers collates the batch.
-* rayrm: the episodes loaded once from the Parquet shards into a flat tensor
-  (``episodes_from_table``), then ``sample_windows`` + ``window_inputs``: index tensors and
-  one gather per batch (what each training worker runs between optimizer steps).
+  lists; a ``DataLoader`` with 4 workers collates the batch. Rewound frames are taken from
+  the slice already read (the seed reads each one from HDF5 again; not copied here, so the
+  baseline is the fair one).
+* rayrm: the episodes loaded once from the embedding folder into a flat tensor
+  (``EpisodeReader`` + ``episodes_from_table``), then ``sample_windows`` + ``window_inputs``:
+  index tensors and one gather per batch (what each training worker runs between optimizer
+  steps).
 
 Prints windows/s of each and, last, the ratio rayrm / seed (goal >= 20 on a 2-core CPU).
 """
@@ -26,13 +35,13 @@ import time
 import h5py
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from rayrm.data import schema
-from rayrm.data.shards import episodes_from_table
+from rayrm.data.shards import EpisodeReader, episodes_from_table, write_episode_folder
 from rayrm.train.loop import DeviceEpisodes, window_inputs
+from rayrm.train.trainer import assign_episodes
 from rayrm.train.windows import sample_windows
 
 logger = logging.getLogger("bench.train_input")
@@ -55,7 +64,7 @@ def write_seed_hdf5(path: str, episodes: list[np.ndarray]) -> None:
             g["progress"] = (np.arange(len(emb), dtype=np.float32) + 1) / len(emb)
 
 
-def write_parquet(path: str, episodes: list[np.ndarray]) -> None:
+def write_folder(path: str, episodes: list[np.ndarray]) -> None:
     rows = {
         "episode_id": [f"episode_{i:05d}" for i in range(len(episodes))],
         "source_file": ["bench"] * len(episodes),
@@ -65,9 +74,9 @@ def write_parquet(path: str, episodes: list[np.ndarray]) -> None:
         "stage_boundaries": [[] for _ in episodes],
         "visual_embedding": [e.ravel() for e in episodes],
         "language_embedding": [np.zeros(LANG_DIM, np.float32) for _ in episodes],
-        "progress": [(np.arange(len(e)) + 1) / len(e) for e in episodes],
     }
-    pq.write_table(pa.Table.from_pydict(rows, schema=schema.EPISODE_SCHEMA), path)
+    table = pa.Table.from_pydict(rows, schema=schema.EPISODE_SCHEMA)
+    write_episode_folder(path, table, {"visual_dim": DIM, "language_dim": LANG_DIM})
 
 
 class SeedStyleDataset(Dataset):
@@ -103,7 +112,7 @@ class SeedStyleDataset(Dataset):
         if np.random.rand() < self.rewind_prob:
             s = np.random.randint(a, b - 2)
             back = list(range(b - 2, s, -1))
-            frames += [group["dino_embeddings"][f] for f in back]
+            frames += [frames[f - a] for f in back]  # already read: no second HDF5 read
             progress += [(f - a) / (total - a) for f in back]
         if len(frames) < SEQ_LEN:
             frames += [frames[-1]] * (SEQ_LEN - len(frames))
@@ -128,7 +137,7 @@ def seed_windows_per_s(path: str, batch: int, seconds: float) -> float:
 
 def rayrm_windows_per_s(path: str, batch: int, seconds: float) -> tuple[float, float]:
     start = time.perf_counter()
-    host = episodes_from_table(pq.read_table(path))
+    host = episodes_from_table(EpisodeReader(path).read())
     episodes = DeviceEpisodes.from_batch(host, torch.device("cpu"), False, ["task"])
     load_seconds = time.perf_counter() - start
     generator, windows = torch.Generator().manual_seed(0), 0
@@ -138,6 +147,19 @@ def rayrm_windows_per_s(path: str, batch: int, seconds: float) -> tuple[float, f
         inputs = window_inputs(episodes, w)
         windows += len(inputs.visual)
     return windows / (time.perf_counter() - start), load_seconds
+
+
+def bytes_per_rank(path: str, workers: int) -> list[int]:
+    """Parquet bytes each of ``workers`` ranks reads for its own episodes."""
+    index = EpisodeReader(path).index()
+    ids = index.column("episode_id").to_pylist()
+    frames = dict(zip(ids, index.column("num_frames").to_pylist()))
+    read = []
+    for rank_ids in assign_episodes(ids, frames, workers):
+        reader = EpisodeReader(path)
+        reader.read(rank_ids)
+        read.append(reader.bytes_read)
+    return read
 
 
 def main() -> None:
@@ -150,9 +172,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     episodes = make_episodes(args.episodes, args.frames)
     with tempfile.TemporaryDirectory() as tmp:
-        h5_path, pq_path = os.path.join(tmp, "seed.h5"), os.path.join(tmp, "episodes.parquet")
+        h5_path, pq_path = os.path.join(tmp, "seed.h5"), os.path.join(tmp, "embeddings")
         write_seed_hdf5(h5_path, episodes)
-        write_parquet(pq_path, episodes)
+        write_folder(pq_path, episodes)
         frames = sum(len(e) for e in episodes)
         logger.info(
             "%d episodes, %d frames, D=%d, L=%d, batch %d",
@@ -162,6 +184,16 @@ def main() -> None:
             SEQ_LEN,
             args.batch,
         )
+        one_copy = sum(e.nbytes for e in episodes)
+        for workers in (1, 2, 4):
+            read = bytes_per_rank(pq_path, workers)
+            logger.info(
+                "%d rank(s): %s MB read per rank, %.1f MB in total (%.3f of one copy)",
+                workers,
+                ", ".join(f"{b / 1e6:.1f}" for b in read),
+                sum(read) / 1e6,
+                sum(read) / one_copy,
+            )
         seed = seed_windows_per_s(h5_path, args.batch, args.seconds)
         logger.info("seed-style DataLoader (4 workers): %.0f windows/s", seed)
         ours, load = rayrm_windows_per_s(pq_path, args.batch, args.seconds)

@@ -17,11 +17,11 @@ import argparse
 import logging
 import sys
 
-import h5py
 import numpy as np
 import ray
 
 from rayrm.config import RayConfig
+from rayrm.data.hdf5 import open_hdf5
 from rayrm.evaluate.scorer import RewardScorerActor
 from rayrm.runtime import init_ray, setup_logging
 
@@ -42,7 +42,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def load_episodes(path: str, camera: str, limit: int) -> list[tuple[str, str, np.ndarray]]:
     """(episode id, prompt, frames) of the first ``limit`` episodes."""
     out = []
-    with h5py.File(path, "r") as f:
+    with open_hdf5(path) as f:
         for name in sorted(f)[:limit]:
             prompt = f[name].attrs.get("prompt", f.attrs.get("prompt", ""))
             out.append((name, str(prompt), f[name][camera][:]))

@@ -14,9 +14,10 @@ import logging
 import sys
 
 from rayrm.backbones import UnknownBackboneError
-from rayrm.config import ConfigError, check_local_paths, load_config, resolve_paths
+from rayrm.config import ConfigError, load_config, resolve_paths
 from rayrm.data.hdf5 import InvalidEpisodesError
 from rayrm.data.shards import ShardError
+from rayrm.data.storage import StorageError
 from rayrm.runtime import init_ray, setup_logging
 
 logger = logging.getLogger("rayrm")
@@ -39,6 +40,7 @@ USER_ERRORS = (
     UnknownBackboneError,
     FileNotFoundError,
     FileExistsError,
+    StorageError,
     ValueError,
 )
 
@@ -101,7 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = build_parser().parse_known_args(argv)
     try:
         cfg = resolve_paths(load_config(args.config, overrides))
-        check_local_paths(cfg)
     except (ConfigError, OSError) as err:
         setup_logging()
         logger.error("%s", err)

@@ -126,7 +126,6 @@ class EmbedConfig:
     # work overlap another's compute (backbones that are not thread-safe still run one at a
     # time). 0 = 3 for GPU actors, 1 for CPU actors (more would only split the same cores).
     calls_per_actor: int = 0
-    episodes_per_shard: int = 64  # episodes per Parquet file, each committed for resume
     overwrite: bool = False  # replace a finished output (an unfinished one always resumes)
     max_failed_episodes: int = 0  # bad episodes tolerated before exiting non-zero; -1 = any
     max_actor_restarts: int = 4  # per actor, and retries per batch; -1 = unlimited
@@ -371,6 +370,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def _beside(path: str, name: str) -> str:
+    """``name`` in the folder of ``path`` (a local path or a URL)."""
+    if "://" in path:
+        return f"{path.rstrip('/').rsplit('/', 1)[0]}/{name}"
+    return str(Path(path).with_name(name))
+
+
 def resolve_paths(cfg: Config) -> Config:
     """Fill empty stage paths from ``workdir`` so the stages find each other's outputs."""
     out = dataclasses.replace(cfg)
@@ -394,34 +400,12 @@ def resolve_paths(cfg: Config) -> Config:
     out.annotate = dataclasses.replace(
         cfg.annotate,
         # rayrm synth writes the stage JSON of its successful episodes beside the HDF5 file.
-        stages=cfg.annotate.stages or str(Path(out.synth.output).with_name("stages.json")),
+        stages=cfg.annotate.stages or _beside(out.synth.output, "stages.json"),
         embeddings=cfg.annotate.embeddings or out.embed.output,
         input=cfg.annotate.input or out.embed.input,
         video_output=cfg.annotate.video_output or f"{work}/annotate",
     )
     return out
-
-
-# Outputs that must be local (or a shared mount such as NFS/EFS on every node) for now: the
-# trainer and evaluator write them with local file operations. Inputs may be URLs.
-LOCAL_ONLY_PATHS = (
-    "embed.output",
-    "train.embeddings",
-    "train.output",
-    "evaluate.embeddings",
-    "evaluate.output",
-)
-
-
-def check_local_paths(cfg: Config) -> None:
-    for dotted in LOCAL_ONLY_PATHS:
-        section, name = dotted.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value and "://" in value:
-            raise ConfigError(
-                f"{dotted}={value!r}: remote storage is not supported there yet; use a path "
-                "on storage every node mounts (e.g. NFS/EFS at the same path)"
-            )
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import ray
+from _s3 import s3_server, session_server  # noqa: F401  (s3_server: a fixture for every test)
 
 from rayrm.config import (
     BackboneConfig,
@@ -21,6 +23,9 @@ from rayrm.config import (
 
 @pytest.fixture(scope="session")
 def ray_session():
+    # The test S3 server's address and keys go into the environment before Ray starts, so
+    # that Ray's workers reach it too (tests that need it start it: the s3_server fixture).
+    os.environ.update(session_server().env())
     # 4 logical CPUs on a 2-core machine: Train workers, the embedding actor and read tasks
     # must all fit at once, or Ray Data waits forever for a free CPU (ray#44687).
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)

@@ -9,7 +9,6 @@ import os
 import shutil
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -23,7 +22,7 @@ from rayrm.annotate.videos import run_annotate_video
 from rayrm.cli import main
 from rayrm.config import AnnotateConfig
 from rayrm.data import schema
-from rayrm.data.shards import episodes_from_table, read_manifest
+from rayrm.data.shards import episodes_from_table, read_episodes, read_manifest
 from rayrm.stages import cumulative_prior, stage_labels, stage_priors, stage_progress
 from rayrm.video import count_mp4_frames
 
@@ -176,7 +175,8 @@ def test_annotate_writes_the_labels_atomically(shards, tmp_path):
     assert manifest["num_stages"] == 4
     assert manifest["stage_names"] == ["reach", "grasp", "move", "place"]
     assert manifest["stage_annotation"]["unannotated_episodes"] == result.unannotated
-    table = pq.read_table(os.path.join(path, schema.SHARDS_DIR))
+    chunks_before = manifest["chunks"]
+    table = read_episodes(path)
     for row in table.select(["episode_id", "num_frames", "stage", "subtask_progress"]).to_pylist():
         if row["episode_id"] in truth:
             stage, subtask = stage_labels(truth[row["episode_id"]], row["num_frames"])
@@ -188,13 +188,15 @@ def test_annotate_writes_the_labels_atomically(shards, tmp_path):
     assert batch.stage is not None and (batch.stage >= 0).sum() == sum(
         n for e, n in zip(batch.episode_ids, batch.lengths) if e in truth
     )
-    leftovers = [n for n in os.listdir(tmp_path) if n.startswith(".embeddings")]
-    assert leftovers == []
+    # The labels live in a new episodes table; the chunk files are the same, and the old
+    # episodes table is gone after the commit.
+    tables = [n for n in os.listdir(path) if n.startswith(schema.EPISODES_PREFIX)]
+    assert tables == [manifest["episodes"]] and manifest["chunks"] == chunks_before
     # Re-annotating replaces the labels (no duplicate columns).
     one = next(iter(truth))
     stage_file.write_text(json.dumps({one: truth[one]}))
     run_annotate(cfg)
-    table = pq.read_table(os.path.join(path, schema.SHARDS_DIR))
+    table = read_episodes(path)
     assert table.column_names.count("stage") == 1
     assert sum(len(s) > 0 for s in table.column("stage").to_pylist()) == 1
 

@@ -19,12 +19,12 @@ import pytest
 from _embed_checks import partial_ids, read_failures, read_json, read_rows
 from conftest import make_config
 
-import rayrm.embed
+import rayrm.embed.run
 from rayrm.cli import main
 from rayrm.config import load_config, resolve_paths
 from rayrm.data import schema
-from rayrm.data.hdf5 import InvalidEpisodesError
-from rayrm.embed import partial_dir, run_embed
+from rayrm.data.hdf5 import InvalidEpisodesError, scan_episodes
+from rayrm.embed import run_dir, run_embed
 
 PROMPT = "Put the cube in the pot."
 
@@ -69,7 +69,7 @@ def output_of(workdir) -> str:
 
 
 def assert_nothing_written(workdir) -> None:
-    """Neither the output folder nor a hidden partial one exists."""
+    """No output folder (no run state either) exists."""
     left = [n for n in os.listdir(workdir) if "embeddings" in n]
     assert left == [], left
 
@@ -77,8 +77,8 @@ def assert_nothing_written(workdir) -> None:
 def assert_not_published(workdir, failed: set[tuple], kept: list[str]) -> None:
     """No output; the partial folder holds the ``kept`` episodes (exactly once) and a
     failures table of exactly the ``failed`` (file, episode, key) triples."""
-    assert not os.path.exists(output_of(workdir))
-    rows = read_failures(partial_dir(output_of(workdir)))
+    assert not os.path.exists(os.path.join(output_of(workdir), schema.MANIFEST_NAME))
+    rows = read_failures(output_of(workdir))
     assert {(r["file"], r["episode"], r["key"]) for r in rows} == failed
     assert all(r["reason"] for r in rows)
     assert partial_ids(output_of(workdir)) == sorted(kept)
@@ -152,7 +152,7 @@ def test_allowed_failures_are_published_with_the_table(ray_session, tmp_path):
     assert (row["file"], row["episode"], row["key"]) == (path, "ep_bad", "tcp_pose")
     manifest = read_json(output, schema.MANIFEST_NAME)
     assert (manifest["num_episodes"], manifest["num_failed_episodes"]) == (1, 1)
-    assert not os.path.exists(partial_dir(output))
+    assert not os.path.exists(run_dir(output))
 
 
 def test_fixing_the_input_resumes_with_only_the_failed_episode(ray_session, tmp_path):
@@ -222,8 +222,9 @@ def test_duplicate_episode_ids_across_files(ray_session, tmp_path, caplog):
         assert run_cli(tmp_path, folder) == 2
     assert_names(caplog.text, second, "ep_1", "-", f"also in {first}")
     assert_not_published(tmp_path, {(second, "ep_1", "-")}, kept=["ep_0", "ep_1", "ep_2"])
-    shards = os.path.join(partial_dir(output_of(tmp_path)), schema.SHARDS_DIR)
-    table = pq.read_table(shards, columns=["episode_id", "source_file"])
+    # The unfinished run records the input it embedded, by episode (for its resume check).
+    table = pq.read_table(os.path.join(run_dir(output_of(tmp_path)), "inputs.parquet"))
+    table = table.select(["episode_id", "source_file"])
     sources = dict(zip(*(table.column(c).to_pylist() for c in table.column_names)))
     assert sources == {"ep_0": first, "ep_1": first, "ep_2": second}
 
@@ -235,7 +236,7 @@ def test_no_prompt_anywhere(ray_session, tmp_path, caplog):
     assert_names(caplog.text, path, "ep_0", "prompt", "no prompt")
     assert_not_published(tmp_path, {(path, "ep_0", "prompt")}, kept=[])
     # embed.prompt supplies the missing prompt: the same file then passes the checks.
-    episodes, problems = rayrm.embed.scan_episodes([path], "side_cam", prompt="pick")
+    episodes, problems = scan_episodes([path], "side_cam", prompt="pick")
     assert problems == [] and episodes[0].prompt == "pick"
 
 
@@ -284,8 +285,8 @@ def test_unknown_backbone_fails_before_reading_input(ray_session, tmp_path, capl
     def must_not_run(*args, **kwargs):
         raise AssertionError("input read before the backbone name was checked")
 
-    monkeypatch.setattr(rayrm.embed, "list_hdf5_files", must_not_run)
-    monkeypatch.setattr(rayrm.embed, "scan_episodes", must_not_run)
+    monkeypatch.setattr(rayrm.embed.run, "list_hdf5_files", must_not_run)
+    monkeypatch.setattr(rayrm.embed.run, "scan_episodes", must_not_run)
     with caplog.at_level(logging.ERROR, logger="rayrm"):
         assert run_cli(tmp_path, path, "--backbone.name", "dinov9000") == 2
     assert "unknown backbone 'dinov9000'" in caplog.text

@@ -10,11 +10,11 @@ import logging
 import os
 
 import h5py
-import pyarrow.parquet as pq
 import pytest
 
 from rayrm.cli import main
 from rayrm.data import schema
+from rayrm.data.shards import read_episodes
 
 CONFIG = """\
 workdir: {workdir}
@@ -57,14 +57,13 @@ def test_synth_then_embed(ray_session, tmp_path, config_file):
     assert manifest["num_episodes"] == 6
     assert (manifest["visual_dim"], manifest["language_dim"]) == (12, 6)  # from the YAML
     assert manifest["input_files"] == [str(raw)]
-    table = pq.read_table(output / schema.SHARDS_DIR)
-    assert table.num_rows == 6
+    assert read_episodes(str(output)).num_rows == 6
     assert not (tmp_path / "from_yaml").exists()
 
     # A second run refuses to replace the output unless told to.
-    shards = sorted(os.listdir(output / schema.SHARDS_DIR))
+    files = sorted(os.listdir(output / schema.CHUNKS_DIR)) + sorted(os.listdir(output))
     assert main(["embed", *common]) == 2
-    assert sorted(os.listdir(output / schema.SHARDS_DIR)) == shards
+    assert sorted(os.listdir(output / schema.CHUNKS_DIR)) + sorted(os.listdir(output)) == files
 
 
 @pytest.mark.parametrize(

@@ -35,7 +35,6 @@ import sys
 import tempfile
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from _local_ray import clean_env, processes_with_env_value
 from safetensors.numpy import load_file
@@ -54,7 +53,7 @@ def layout_config(workdir: str):
 
     return make_config(
         workdir,
-        embed=dict(num_actors=2, num_gpus_per_actor=1.0, episodes_per_shard=3),
+        embed=dict(num_actors=2, num_gpus_per_actor=1.0),
         train=dict(num_workers=2, cpus_per_worker=1.5, steps=20, val_every=10),
     )
 
@@ -112,7 +111,9 @@ def run_layout_in_subprocess(layout: str, workdir: str, reference_embeddings: st
 
 
 def embeddings(workdir: str) -> dict[str, np.ndarray]:
-    table = pq.read_table(os.path.join(workdir, "embeddings", "shards")).sort_by("episode_id")
+    from rayrm.data.shards import read_episodes
+
+    table = read_episodes(os.path.join(workdir, "embeddings"))
     ids, rows = table["episode_id"].to_pylist(), table["visual_embedding"].to_pylist()
     return {e: np.asarray(v, dtype=np.float32) for e, v in zip(ids, rows)}
 

@@ -16,7 +16,6 @@ Embeddings are compared in fp32 within 1e-4.
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -416,10 +415,8 @@ def test_run_embed_with_dinov2_minilm_equals_a_direct_call(
 ):
     """HDF5 -> Ray Data (backbone actor) -> Parquet, with the real MiniLM and a reg4 file."""
     import h5py
-    import pyarrow.parquet as pq
     from conftest import make_config
 
-    from rayrm.data import schema
     from rayrm.data.synthetic import write_synthetic_dataset
     from rayrm.embed import run_embed
 
@@ -435,7 +432,9 @@ def test_run_embed_with_dinov2_minilm_equals_a_direct_call(
 
     backbone = build_backbone(cfg.backbone)
     assert (backbone.visual_dim, backbone.language_dim) == (DIM, 384)
-    rows = pq.read_table(os.path.join(cfg.embed.output, schema.SHARDS_DIR)).to_pylist()
+    from rayrm.data.shards import read_episodes
+
+    rows = read_episodes(cfg.embed.output).to_pylist()
     assert len(rows) == 3
     with h5py.File(cfg.embed.input, "r") as f:
         for row in rows:

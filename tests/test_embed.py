@@ -23,6 +23,7 @@ from _embed_checks import (
     read_failures,
     read_json,
     read_rows,
+    with_backbone,
     with_embed,
 )
 from _failing_backbone import NAME as FAILING_BACKBONE
@@ -30,14 +31,14 @@ from _failing_backbone import importable_everywhere
 from conftest import make_config
 from ray.data.block import BlockAccessor
 
-import rayrm.embed
+import rayrm.embed.run
 from rayrm.backbones import Backbone, build_backbone, register_backbone
 from rayrm.backbones import base as backbones_base
 from rayrm.config import BackboneConfig, EmbedConfig
 from rayrm.data import schema
 from rayrm.data.hdf5 import HDF5EpisodeDatasource, InvalidEpisodesError, scan_episodes
-from rayrm.data.shards import replace_folder
-from rayrm.embed import FrameEmbedder, run_embed
+from rayrm.embed import FrameEmbedder, pipeline, run_embed
+from rayrm.embed import prompts as embed_prompts
 
 
 def read_manifest(output: str) -> dict:
@@ -60,7 +61,7 @@ def hdf5_episodes(path: str, camera: str = "side_cam") -> dict[str, dict]:
 # --------------------------------------------------------------------------- one run, read back
 
 
-def test_one_row_per_episode_with_frames_and_progress(tiny_run):
+def test_one_row_per_episode_with_all_its_frames(tiny_run):
     rows = read_rows(tiny_run.embed.output)
     raw = hdf5_episodes(tiny_run.embed.input)
     assert sorted(rows) == sorted(raw)  # ids are the HDF5 group names, each exactly once
@@ -68,17 +69,35 @@ def test_one_row_per_episode_with_frames_and_progress(tiny_run):
         T = raw[episode_id]["frames"].shape[0]
         assert row["num_frames"] == T
         assert row["source_file"] == os.path.abspath(tiny_run.embed.input)
-        np.testing.assert_allclose(row["progress"], (np.arange(T) + 1) / T, rtol=1e-6)
         assert len(row["visual_embedding"]) == T * tiny_run.backbone.visual_dim
 
 
-def test_shard_schema_and_manifest(tiny_run):
+def test_chunk_files_episodes_table_and_manifest(tiny_run):
     output = tiny_run.embed.output
-    shard_files = sorted(os.listdir(os.path.join(output, schema.SHARDS_DIR)))
-    assert shard_files and all(n.endswith(".parquet") for n in shard_files)
-    for name in shard_files:
-        written = pq.read_schema(os.path.join(output, schema.SHARDS_DIR, name))
-        assert written.equals(schema.EPISODE_SCHEMA, check_metadata=False), written
+    manifest = read_manifest(output)
+    chunk_files = sorted(os.listdir(os.path.join(output, schema.CHUNKS_DIR)))
+    assert [f"{schema.CHUNKS_DIR}/{n}" for n in chunk_files] == manifest["chunks"]
+    for name in manifest["chunks"]:
+        parquet = pq.ParquetFile(os.path.join(output, name))
+        assert parquet.schema_arrow.equals(schema.CHUNK_SCHEMA, check_metadata=False)
+        assert parquet.metadata.num_row_groups == parquet.metadata.num_rows  # a group per chunk
+    index = pq.read_table(os.path.join(output, manifest["episodes"]))
+    assert index.schema.equals(schema.EPISODE_INDEX_SCHEMA, check_metadata=False)
+    # Calls of 16 frames and episodes of 13-17: most episodes straddle two calls and are
+    # stored in two chunks (two files), each chunk naming its place; they tile the episode.
+    rows = index.to_pylist()
+    assert sum(len(row["chunk_file"]) >= 2 for row in rows) >= len(rows) // 2
+    for row in rows:
+        frames = 0
+        for name, group, start in zip(
+            row["chunk_file"], row["chunk_row_group"], row["chunk_start"]
+        ):
+            chunk = pq.ParquetFile(os.path.join(output, name)).read_row_group(group).to_pylist()[0]
+            assert (
+                chunk["episode_id"] == row["episode_id"] and chunk["frame_start"] == start == frames
+            )
+            frames += chunk["num_frames"]
+        assert frames == row["num_frames"]
 
     raw = hdf5_episodes(tiny_run.embed.input)
     manifest = read_manifest(output)
@@ -86,7 +105,6 @@ def test_shard_schema_and_manifest(tiny_run):
     assert manifest["num_frames"] == sum(e["frames"].shape[0] for e in raw.values())
     assert manifest["visual_dim"] == tiny_run.backbone.visual_dim
     assert manifest["language_dim"] == tiny_run.backbone.language_dim
-    assert manifest["shards"] == shard_files
     assert manifest["input_files"] == [os.path.abspath(tiny_run.embed.input)]
     assert manifest["backbone"] == dataclasses.asdict(tiny_run.backbone)
     assert manifest["camera"] == "side_cam"
@@ -197,7 +215,7 @@ def test_frame_embedder_runs_the_backbone_on_batch_size_frames_at_a_time(monkeyp
 )
 def test_a_call_takes_whole_blocks_of_whole_batches(batch_size, frames_per_block, per_call):
     ecfg = EmbedConfig(batch_size=batch_size, frames_per_block=frames_per_block)
-    assert rayrm.embed._frames_per_call(ecfg) == per_call
+    assert pipeline._frames_per_call(ecfg) == per_call
 
 
 @pytest.mark.parametrize("thread_safe", [False, True])
@@ -248,7 +266,7 @@ def test_gpu_run_embeds_dinov2_style_prompts_on_a_cpu_without_waiting(tiny_run):
     assert build_backbone(tiny_run.backbone).prompts_on_cpu
     cfg = with_embed(tiny_run, num_gpus_per_actor=1.0)
     episodes, _ = scan_episodes([tiny_run.embed.input], cfg.embed.camera)
-    facts = call_within(30, rayrm.embed.BackboneFacts, cfg, episodes)
+    facts = call_within(30, embed_prompts.BackboneFacts, cfg, episodes)
     vectors, visual_dim, language_dim = call_within(60, facts.get)
     backbone = build_backbone(tiny_run.backbone)
     assert (visual_dim, language_dim) == (backbone.visual_dim, backbone.language_dim)
@@ -290,7 +308,7 @@ def test_two_input_files_and_prompt_override(tiny_run, tmp_path):
     skip = {"source_file", "prompt", "language_embedding"}
     assert_same_rows(rows, read_rows(tiny_run.embed.output), skip=skip)
     assert read_manifest(cfg.embed.output)["input_files"] == sorted(str(folder / n) for n in halves)
-    assert leftovers(tmp_path) == []
+    assert leftovers(cfg.embed.output) == []
 
 
 @pytest.mark.parametrize(
@@ -315,7 +333,7 @@ def test_two_actors_and_odd_batches_give_the_same_output(
     )
     run_embed(cfg)
     assert_same_rows(read_rows(cfg.embed.output), read_rows(tiny_run.embed.output))
-    assert leftovers(tmp_path) == []
+    assert leftovers(cfg.embed.output) == []
 
 
 def test_episodes_of_different_image_sizes(ray_session, tmp_path):
@@ -351,17 +369,24 @@ def test_existing_output_needs_overwrite(tiny_run, tmp_path):
     with pytest.raises(FileExistsError, match="overwrite"):
         run_embed(with_embed(tiny_run, output=str(output)))
     assert os.listdir(output) == ["keep.txt"] and (output / "keep.txt").read_text() == "old"
-    assert leftovers(tmp_path) == []
 
 
 def test_overwrite_replaces_the_old_output(tiny_run, tmp_path):
+    # A published output is replaced by a second run (other backbone seed): the new
+    # manifest names only the new files, and the old ones are gone after the commit. Files
+    # that are not rayrm's stay.
     output = tmp_path / "emb"
-    output.mkdir()
-    (output / "stale.txt").write_text("old")
-    run_embed(with_embed(tiny_run, output=str(output), overwrite=True))
-    assert sorted(os.listdir(output)) == ["failures.json", schema.MANIFEST_NAME, schema.SHARDS_DIR]
+    first = run_embed(with_backbone(with_embed(tiny_run, output=str(output)), seed=99))
+    old = read_manifest(str(output))
+    (output / "notes.txt").write_text("mine")
+    second = run_embed(with_embed(tiny_run, output=str(output), overwrite=True))
+    new = read_manifest(str(output))
+    assert first.num_episodes == second.num_episodes and new["run_id"] != old["run_id"]
+    assert not set(new["chunks"]) & set(old["chunks"])
+    named = {new["episodes"], new["failures"], schema.MANIFEST_NAME, schema.CHUNKS_DIR}
+    assert sorted(os.listdir(output)) == sorted(named | {"notes.txt"})
     assert_same_rows(read_rows(str(output)), read_rows(tiny_run.embed.output))
-    assert leftovers(tmp_path) == []
+    assert leftovers(str(output)) == []
 
 
 def test_backbone_failure_in_the_actors_leaves_no_output(tiny_run, tmp_path, monkeypatch):
@@ -370,7 +395,7 @@ def test_backbone_failure_in_the_actors_leaves_no_output(tiny_run, tmp_path, mon
     backbone = dataclasses.replace(cfg.backbone, name=FAILING_BACKBONE, options={"fail": "raise"})
     with pytest.raises(Exception, match="failed on purpose"):
         run_embed(dataclasses.replace(cfg, backbone=backbone))
-    assert os.listdir(tmp_path) == []  # no output, no partial folder
+    assert os.listdir(tmp_path) == []  # no output, no run state
 
 
 def test_non_finite_embeddings_fail_that_episode_only(tiny_run, tmp_path, monkeypatch):
@@ -383,7 +408,7 @@ def test_non_finite_embeddings_fail_that_episode_only(tiny_run, tmp_path, monkey
             src.copy(src[name], dst, name=name)
         dst["episode_0005"].attrs["prompt"] = "poison the cube"
     out = tmp_path / "out"
-    cfg = with_embed(tiny_run, input=str(path), output=str(out / "emb"), episodes_per_shard=2)
+    cfg = with_embed(tiny_run, input=str(path), output=str(out / "emb"))
     backbone = dataclasses.replace(cfg.backbone, name=FAILING_BACKBONE, options={"fail": "nan"})
     cfg = dataclasses.replace(cfg, backbone=backbone)
     with pytest.raises(InvalidEpisodesError, match="episode_0005") as err:
@@ -395,10 +420,11 @@ def test_non_finite_embeddings_fail_that_episode_only(tiny_run, tmp_path, monkey
         "visual_embedding",
     )
     assert "non-finite" in problem.reason
-    assert os.listdir(out) == [".emb.partial"]  # not published; the good episodes are kept
+    # Not published (no manifest); the good episodes are committed for the rerun.
+    assert not os.path.exists(out / "emb" / schema.MANIFEST_NAME)
     expected = sorted(set(read_rows(tiny_run.embed.output)) - {"episode_0005"})
-    assert partial_ids(cfg.embed.output) == expected
-    [row] = read_failures(out / ".emb.partial")
+    assert partial_ids(cfg.embed.output) == expected  # no chunk of the poisoned episode
+    [row] = read_failures(str(out / "emb"))
     assert row["episode"] == "episode_0005" and row["key"] == "visual_embedding"
 
     # Allowing one failure: the rerun resumes (only the failed episode is embedded again)
@@ -406,56 +432,35 @@ def test_non_finite_embeddings_fail_that_episode_only(tiny_run, tmp_path, monkey
     result = run_embed(with_embed(cfg, max_failed_episodes=1))
     assert result.num_failed == 1 and result.num_episodes == len(expected)
     assert result.embedded_frames == read_rows(tiny_run.embed.output)["episode_0005"]["num_frames"]
-    assert os.listdir(out) == ["emb"]
-    assert read_failures(out / "emb") == [row]
+    assert os.listdir(out) == ["emb"] and leftovers(str(out / "emb")) == []
+    assert read_failures(str(out / "emb")) == [row]
     assert read_manifest(str(out / "emb"))["num_failed_episodes"] == 1
     skip = {"source_file", "prompt", "language_embedding"}  # the file and one prompt differ
     rows = read_rows(str(out / "emb"))
     assert_same_rows(rows, {k: read_rows(tiny_run.embed.output)[k] for k in expected}, skip=skip)
 
 
-def test_failure_after_writing_keeps_the_old_output(tiny_run, tmp_path, monkeypatch):
-    output = tmp_path / "emb"
-    output.mkdir()
-    (output / "keep.txt").write_text("old")
-    written = {}
-    real_write_manifest = rayrm.embed._write_manifest
+def test_failure_before_the_commit_keeps_the_old_output(tiny_run, tmp_path, monkeypatch):
+    # A second run over a published output fails after writing every chunk, right before
+    # its manifest: readers still see the old output whole; the rerun resumes with nothing
+    # left to embed and then replaces it.
+    output = str(tmp_path / "emb")
+    run_embed(with_backbone(with_embed(tiny_run, output=output), seed=99))
+    old_rows = read_rows(output)
+    real_commit = rayrm.embed.run.commit
 
-    def broken_manifest(path, *args, **kwargs):
-        written["shards"] = os.listdir(os.path.join(path, schema.SHARDS_DIR))
+    def broken_commit(folder, manifest):
         raise OSError("disk full")
 
-    monkeypatch.setattr(rayrm.embed, "_write_manifest", broken_manifest)
-    cfg = with_embed(tiny_run, output=str(output), overwrite=True)
+    monkeypatch.setattr(rayrm.embed.run, "commit", broken_commit)
+    cfg = with_embed(tiny_run, output=output, overwrite=True)
     with pytest.raises(OSError, match="disk full"):
         run_embed(cfg)
-    assert written["shards"]  # the partial folder did hold shards when it failed
-    assert os.listdir(output) == ["keep.txt"]
-    assert leftovers(tmp_path) == [".emb.partial"]  # kept: all its episodes are committed
+    assert_same_rows(read_rows(output), old_rows)  # the old manifest and its files
+    assert partial_ids(output) == sorted(old_rows)  # both runs' chunks are there now
 
-    monkeypatch.setattr(rayrm.embed, "_write_manifest", real_write_manifest)
-    result = run_embed(cfg)  # resumes with nothing left to embed, then replaces the old one
+    monkeypatch.setattr(rayrm.embed.run, "commit", real_commit)
+    result = run_embed(cfg)
     assert result.embedded_frames == 0 and result.num_episodes == tiny_run.synth.num_episodes
-    assert_same_rows(read_rows(str(output)), read_rows(tiny_run.embed.output))
-    assert leftovers(tmp_path) == []
-
-
-def test_replacing_the_output_is_undone_when_the_final_rename_fails(tmp_path, monkeypatch):
-    # run_embed's last step: old output aside, finished folder in, old one deleted. If the
-    # rename of the finished folder fails, the old output must be back in place.
-    output, partial = tmp_path / "emb", tmp_path / ".emb.partial-x"
-    output.mkdir()
-    (output / "keep.txt").write_text("old")
-    partial.mkdir()
-    real_replace = os.replace
-
-    def replace(src, dst):
-        if str(src) == str(partial):
-            raise OSError("rename failed")
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", replace)
-    with pytest.raises(OSError, match="rename failed"):
-        replace_folder(str(partial), str(output))
-    assert os.listdir(output) == ["keep.txt"]
-    assert sorted(os.listdir(tmp_path)) == [".emb.partial-x", "emb"]  # nothing else left
+    assert_same_rows(read_rows(output), read_rows(tiny_run.embed.output))
+    assert leftovers(output) == []

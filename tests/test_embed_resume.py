@@ -23,6 +23,7 @@ import pytest
 import ray
 from _embed_checks import (
     assert_same_rows,
+    committed_chunks,
     leftovers,
     partial_ids,
     read_rows,
@@ -32,11 +33,12 @@ from _embed_checks import (
 from _failing_backbone import NAME as FAILING_BACKBONE
 from _failing_backbone import REPO_ROOT, importable_everywhere
 
-import rayrm.embed
 from rayrm.config import to_dict
 from rayrm.data import schema
-from rayrm.data.hdf5 import EpisodeInfo
-from rayrm.embed import ResumeError, WorkFolder, episode_table, partial_dir, run_embed
+from rayrm.data.shards import write_chunks
+from rayrm.embed import ResumeError, run_embed
+from rayrm.embed.ledger import RunFolder
+from rayrm.embed.run import _settings
 
 
 def start_driver(cfg, folder) -> subprocess.Popen:
@@ -53,42 +55,51 @@ def start_driver(cfg, folder) -> subprocess.Popen:
         )
 
 
-def wait_for_shards(output: str, count: int, driver: subprocess.Popen, timeout: float) -> None:
-    shards = os.path.join(partial_dir(output), schema.SHARDS_DIR)
+def wait_for_chunk_files(output: str, count: int, driver: subprocess.Popen, timeout: float):
+    shards = os.path.join(output, schema.CHUNKS_DIR)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if os.path.isdir(shards) and len(os.listdir(shards)) >= count:
             return
         assert driver.poll() is None, "the driver ended before it could be killed"
         time.sleep(0.05)
-    raise AssertionError(f"no {count} committed shards after {timeout} s")
+    raise AssertionError(f"no {count} committed chunk files after {timeout} s")
 
 
 def frames_of(rows: dict[str, dict], ids) -> int:
     return sum(rows[i]["num_frames"] for i in ids)
 
 
+def whole_episodes(output: str, rows: dict[str, dict]) -> set[str]:
+    """Episodes whose committed chunks cover all their frames (what a rerun skips)."""
+    covered: dict[str, set[int]] = {}
+    for episode, start, n in committed_chunks(output):
+        covered.setdefault(episode, set()).update(range(start, start + n))
+    return {e for e, frames in covered.items() if len(frames) == rows[e]["num_frames"]}
+
+
 def test_killed_driver_resumes_exactly_once(tiny_run, tmp_path, monkeypatch):
     importable_everywhere(monkeypatch)
     output = str(tmp_path / "emb")
-    # Slow batches (tiny + a sleep) and a shard per 2 episodes: a kill lands half-way.
+    # Slow batches (tiny + a sleep) and a chunk file per 8 frames: a kill lands half-way.
     cfg = with_backbone(tiny_run, name=FAILING_BACKBONE, options={"delay_s": 0.15})
-    cfg = with_embed(cfg, output=output, episodes_per_shard=2, batch_size=8, frames_per_block=8)
+    cfg = with_embed(cfg, output=output, batch_size=8, frames_per_block=8)
     driver = start_driver(cfg, tmp_path)
     try:
-        wait_for_shards(output, 2, driver, timeout=180)
+        wait_for_chunk_files(output, 8, driver, timeout=180)
     finally:
         driver.send_signal(signal.SIGKILL)  # the cluster lives on and reaps the job's actors
         driver.wait()
-    assert not os.path.exists(output)  # a killed run publishes nothing
-    before = partial_ids(output)
+    assert not os.path.exists(os.path.join(output, schema.MANIFEST_NAME))  # nothing published
     expected = read_rows(tiny_run.embed.output)
-    assert 4 <= len(before) < len(expected) and len(before) == len(set(before))
+    before = whole_episodes(output, expected)
+    assert 2 <= len(before) < len(expected)
 
     result = run_embed(cfg)  # the rerun, in this process's Ray
-    assert result.embedded_frames == frames_of(expected, set(expected) - set(before))
+    # Only the episodes not whole before are embedded (a half-written one: all of it again).
+    assert result.embedded_frames == frames_of(expected, set(expected) - before)
     assert_same_rows(read_rows(output), expected)  # each episode once, same embeddings
-    assert leftovers(tmp_path) == []
+    assert leftovers(output) == []
 
 
 def test_dead_actor_is_restarted_and_its_batch_retried(tiny_run, tmp_path, monkeypatch):
@@ -96,7 +107,7 @@ def test_dead_actor_is_restarted_and_its_batch_retried(tiny_run, tmp_path, monke
     marker = tmp_path / "actor-exited"
     options = {"exit_on_batch": 3, "exit_marker": str(marker)}
     cfg = with_backbone(tiny_run, name=FAILING_BACKBONE, options=options)
-    cfg = with_embed(cfg, output=str(tmp_path / "emb"), episodes_per_shard=2, batch_size=8)
+    cfg = with_embed(cfg, output=str(tmp_path / "emb"), batch_size=8)
     result = run_embed(cfg)
     assert marker.exists()  # an actor process did exit mid-run
     expected = read_rows(tiny_run.embed.output)
@@ -108,20 +119,24 @@ def test_an_unfinished_folder_is_resumed_only_when_it_matches(tiny_run, tmp_path
     output = str(tmp_path / "emb")
     cfg = with_embed(tiny_run, output=output)
     other = with_backbone(cfg, seed=cfg.backbone.seed + 1)  # other weights, other embeddings
-    WorkFolder(partial_dir(output)).open(rayrm.embed._settings(other), overwrite=False).close()
+    RunFolder(output).open(_settings(other), overwrite=False).close()
     with pytest.raises(ResumeError, match=r"other settings \(backbone: .*'seed': 4"):
         run_embed(cfg)
 
     # Same settings, but a committed episode the input does not hold (the input changed).
-    work = WorkFolder(partial_dir(output)).open(rayrm.embed._settings(cfg), overwrite=True)
-    ghost = EpisodeInfo("ghost", tiny_run.embed.input, 4, (8, 8, 3), "pick", None, ())
-    work.commit(episode_table([(ghost, np.zeros((4, 16), np.float32))], {"pick": []}), "x.parquet")
-    work.close()
-    with pytest.raises(ResumeError, match=r"1 episode\(s\) that are not in the input"):
+    run = RunFolder(output).open(_settings(cfg), overwrite=True)
+    ghost = {
+        "episode_id": np.array(["ghost"] * 4, dtype=object),
+        "frame_index": np.arange(4, dtype=np.int32),
+        "visual_embedding": np.zeros((4, 16), np.float32),
+    }
+    write_chunks(ghost, output, run.run_id)
+    run.close()
+    with pytest.raises(ResumeError, match=r"1 committed episode\(s\) that are not in the input"):
         run_embed(cfg)
 
     # Another run holds the folder: refused, and its folder is left alone.
-    held = WorkFolder(partial_dir(output)).open(rayrm.embed._settings(cfg), overwrite=False)
+    held = RunFolder(output).open(_settings(cfg), overwrite=False)
     try:
         with pytest.raises(FileExistsError, match="another embedding run"):
             run_embed(cfg)
@@ -131,4 +146,4 @@ def test_an_unfinished_folder_is_resumed_only_when_it_matches(tiny_run, tmp_path
 
     run_embed(with_embed(cfg, overwrite=True))  # overwrite discards it and starts again
     assert_same_rows(read_rows(output), read_rows(tiny_run.embed.output))
-    assert leftovers(tmp_path) == []
+    assert leftovers(output) == []

@@ -13,14 +13,13 @@ from collections import Counter
 
 import h5py
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from rayrm.config import SynthConfig, load_config
 from rayrm.data import synthetic
-from rayrm.data.shards import episodes_from_table, shard_dir
+from rayrm.data.shards import episodes_from_table, read_episodes
 from rayrm.evaluate.curves import final_values
 from rayrm.evaluate.report import instruction_metrics
 from rayrm.evaluate.run import (
@@ -201,8 +200,7 @@ def multitask_eval(tmp_path_factory, ray_session):
 
 
 def _shard_batch(cfg):
-    table = pq.read_table(shard_dir(cfg.embed.output)).sort_by("episode_id")
-    return episodes_from_table(table)
+    return episodes_from_table(read_episodes(cfg.embed.output))
 
 
 def test_wrong_instruction_is_fed(multitask_eval):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 from rayrm.data import schema
-from rayrm.data.shards import ShardError, episodes_from_table
+from rayrm.data.shards import ShardError, episodes_from_table, read_episodes
 from rayrm.stages import stage_priors
 from rayrm.train.checkpoint import load_model
 from rayrm.train.trainer import run_train
@@ -39,7 +38,8 @@ def annotate_copy(cfg, dest) -> str:
     """A copy of the run's shards with stage columns from the ground-truth boundaries of
     successful episodes (failures stay unannotated: empty lists)."""
     shutil.copytree(cfg.embed.output, dest)
-    for path in glob.glob(os.path.join(dest, schema.SHARDS_DIR, "*.parquet")):
+    manifest_path = os.path.join(dest, schema.MANIFEST_NAME)
+    for path in [os.path.join(dest, json.load(open(manifest_path))["episodes"])]:
         table = pq.read_table(path)
         stages, subtasks = [], []
         for bounds, n, ok in zip(
@@ -111,8 +111,7 @@ def test_sarm_reaches_stage_accuracy_on_held_out_episodes(staged_run, tmp_path):
     assert config["stage_names"] == ["reach", "grasp", "move", "place"]
     assert float(model.stage_prior.sum()) == pytest.approx(1.0)
     val_ids = set(config["split"]["val_episodes"])
-    table = pq.read_table(os.path.join(embeddings, schema.SHARDS_DIR))
-    table = table.filter(pa.compute.is_in(table["episode_id"], pa.array(sorted(val_ids))))
+    table = read_episodes(embeddings, sorted(val_ids))
     table = table.filter(table["success"])
     episodes = episodes_from_table(table)
     correct = total = 0

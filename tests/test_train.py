@@ -172,11 +172,14 @@ def test_empty_validation_split_is_a_clear_error(tiny_run, tmp_path):
         run_train(cfg)
 
 
-def _copy_embeddings(cfg, dest, rewrite):
-    """A copy of the run's embeddings whose shards pass through ``rewrite(table)``."""
+def _copy_embeddings(cfg, dest, rewrite, files=None):
+    """A copy of the run's embeddings whose episodes table (or, with ``files`` a glob, those
+    files: chunk files, say) passes through ``rewrite(table)``."""
     shutil.copytree(cfg.embed.output, dest)
-    for path in glob.glob(os.path.join(dest, schema.SHARDS_DIR, "*.parquet")):
-        pq.write_table(rewrite(pq.read_table(path)), path)
+    episodes = json.load(open(os.path.join(dest, schema.MANIFEST_NAME)))["episodes"]
+    for path in glob.glob(os.path.join(dest, files or episodes)):
+        table = pq.read_table(path)
+        pq.write_table(rewrite(table), path, row_group_size=1)  # one chunk per row group
     return str(dest)
 
 
@@ -187,14 +190,13 @@ def test_shards_missing_a_column_fail_before_training(tiny_run, tmp_path):
 
 
 def test_inconsistent_embedding_dims_fail_before_training(tiny_run, tmp_path):
-    def halve(table):
-        column = table.column("visual_embedding").to_pylist()
-        column[0] = column[0][: len(column[0]) // 2]
+    def halve(table):  # every chunk holds half the values its frames need
+        column = [v[: len(v) // 2] for v in table.column("visual_embedding").to_pylist()]
         index = table.schema.get_field_index("visual_embedding")
         field = table.schema.field(index)
         return table.set_column(index, field, pa.array(column, type=field.type))
 
-    path = _copy_embeddings(tiny_run, tmp_path / "emb", halve)
+    path = _copy_embeddings(tiny_run, tmp_path / "emb", halve, files="chunks/*.parquet")
     with pytest.raises(ShardError, match="visual_dim"):
         run_train(with_train(tiny_run, tmp_path, embeddings=path))
 

@@ -15,10 +15,11 @@ the embeddings do not hold, and episodes of the embeddings the JSON leaves out. 
 allowed with ``annotate.allow_unannotated`` (failed episodes often can't be fully labelled):
 they get empty ``stage`` / ``subtask_progress`` lists and keep their ``stage_boundaries``.
 
-Writing: one Ray task per shard file writes the labelled copy into a new hidden folder next to
-the embeddings; the manifest (with ``num_stages`` and ``stage_names``) is written last, and the
-folder then replaces the old one by rename, so readers see either the old or the new shards,
-never a mix. Running it again with another JSON replaces the labels.
+Writing: the labels live in the episodes table (no frame embedding is read or copied). A new
+episodes table is written under a new name, then a new manifest (with ``num_stages`` and
+``stage_names``) that names it and the same chunk files: writing the manifest is the commit,
+so readers see either the old or the new labels, never a mix, on a local path or a URL alike.
+Running it again with another JSON replaces the labels.
 
 Run: ``rayrm annotate --config configs/demo_sarm.yaml [--annotate.stages FILE]``.
 """
@@ -28,25 +29,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 
-import h5py
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
-import ray
 
 from rayrm.config import AnnotateConfig
-from rayrm.data import schema
+from rayrm.data import schema, storage
+from rayrm.data.hdf5 import open_hdf5
 from rayrm.data.shards import (
+    EpisodeReader,
+    commit,
+    episodes_file_name,
     read_episode_index,
     read_manifest,
-    replace_folder,
-    shard_dir,
-    sibling_path,
 )
 from rayrm.stages import boundary_problem, stage_labels
 
@@ -139,9 +138,9 @@ def parse_stage_json(data, cfg: AnnotateConfig, source: str = "stage JSON") -> S
 
 
 def load_stage_json(path: str, cfg: AnnotateConfig) -> StageFile:
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise FileNotFoundError(f"no stage JSON at {path} (set annotate.stages)")
-    with open(path) as f:
+    with storage.open_input(path) as f:
         try:
             data = json.load(f)
         except json.JSONDecodeError as err:
@@ -206,48 +205,26 @@ def label_table(table: pa.Table, boundaries: dict[str, list[int]]) -> pa.Table:
     return table
 
 
-def _label_shard(source: str, target: str, boundaries: dict[str, list[int]]) -> int:
-    """Ray task: one Parquet file labelled and written under the new folder."""
-    table = label_table(pq.read_table(source), boundaries)
-    pq.write_table(table, target)
-    return table.num_rows
-
-
-def _write_labelled(path: str, partial: str, stages: StageFile, unannotated: list[str]) -> int:
-    files = sorted(f for f in os.listdir(shard_dir(path)) if f.endswith(".parquet"))
-    os.makedirs(os.path.join(partial, schema.SHARDS_DIR))
-    for name in os.listdir(path):  # anything beside the shards travels along
-        if name not in (schema.SHARDS_DIR, schema.MANIFEST_NAME):
-            source = os.path.join(path, name)
-            copy = shutil.copytree if os.path.isdir(source) else shutil.copy2
-            copy(source, os.path.join(partial, name))
-    task = ray.remote(_label_shard).options(num_cpus=0.5)
-    labels = ray.put(stages.boundaries)
-    rows = ray.get(
-        [
-            task.remote(
-                os.path.join(shard_dir(path), f),
-                os.path.join(partial, schema.SHARDS_DIR, f),
-                labels,
-            )
-            for f in files
-        ]
-    )
-    manifest = read_manifest(path)
+def _commit_labels(path: str, stages: StageFile, unannotated: list[str]) -> int:
+    """A labelled episodes table under a new name, then the manifest naming it (the commit)."""
+    reader = EpisodeReader(path)
+    table = label_table(reader.index(), stages.boundaries)
+    name = episodes_file_name(f"labels-{uuid.uuid4().hex[:8]}")
+    storage.write_parquet(table, storage.join(reader.path, name))
+    manifest = dict(reader.manifest)
     manifest.update(
+        episodes=name,
         num_stages=stages.num_stages,
         stage_names=stages.stage_names,
         stage_annotation={
-            "source": os.path.abspath(stages.source),
+            "source": storage.absolute(stages.source),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "annotated_episodes": len(stages.boundaries),
             "unannotated_episodes": unannotated,
         },
-        shards=files,
     )
-    with open(os.path.join(partial, schema.MANIFEST_NAME), "w") as f:
-        json.dump(manifest, f, indent=2)
-    return sum(rows)
+    commit(reader.path, manifest)
+    return table.num_rows
 
 
 @dataclass
@@ -276,14 +253,9 @@ def run_annotate(cfg: AnnotateConfig) -> AnnotateResult:
             ", ".join(unannotated[:10]),
             " ..." if len(unannotated) > 10 else "",
         )
-    partial = sibling_path(path, "annotating")
-    try:
-        rows = _write_labelled(path, partial, stages, unannotated)
-        if rows != len(num_frames):
-            raise RuntimeError(f"wrote {rows} rows, expected {len(num_frames)}")
-        replace_folder(partial, path)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+    rows = _commit_labels(path, stages, unannotated)
+    if rows != len(num_frames):
+        raise RuntimeError(f"wrote {rows} rows, expected {len(num_frames)}")
     logger.info(
         "labelled %d of %d episodes of %s with K=%d stages (%s)",
         len(stages.boundaries),
@@ -305,7 +277,7 @@ def stage_json_from_hdf5(files: list[str]) -> dict[str, list[int]]:
     covers all their ``num_stages`` stages (what ``rayrm synth`` knows as ground truth)."""
     out: dict[str, list[int]] = {}
     for file in files:
-        with h5py.File(file, "r") as handle:
+        with open_hdf5(file) as handle:
             for name, group in handle.items():
                 attrs = group.attrs
                 boundaries = [

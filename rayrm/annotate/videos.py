@@ -25,11 +25,16 @@ import os
 import time
 from dataclasses import dataclass
 
-import h5py
 import ray
 
 from rayrm.config import AnnotateConfig
-from rayrm.data.hdf5 import EpisodeInfo, InvalidEpisodesError, list_hdf5_files, scan_episodes
+from rayrm.data.hdf5 import (
+    EpisodeInfo,
+    InvalidEpisodesError,
+    list_hdf5_files,
+    open_hdf5,
+    scan_episodes,
+)
 from rayrm.video import contact_sheet, numbered_frames, write_mp4, write_png
 
 logger = logging.getLogger(__name__)
@@ -50,7 +55,7 @@ def video_paths(output: str, episode_id: str) -> tuple[str, str]:
 
 def annotate_episode(info: EpisodeInfo, cfg: AnnotateConfig) -> tuple[str, int]:
     """Ray task: one episode's numbered mp4 and contact sheet; returns (id, frames written)."""
-    with h5py.File(info.source_file, "r") as handle:
+    with open_hdf5(info.source_file) as handle:
         frames = handle[info.episode_id][cfg.camera][:]
     video, sheet = video_paths(cfg.video_output, info.episode_id)
     written = write_mp4(video, numbered_frames(frames, cfg.min_size), fps=cfg.fps)

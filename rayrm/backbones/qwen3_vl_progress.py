@@ -206,11 +206,11 @@ def estimate_file(
     """Progress for episodes of one HDF5 file (default: all but ``reference``), shown one
     successful ``reference`` episode in context. Returns ``{episode_id: {"frame_indices",
     "progress" (None for NaN), "answer"}}``."""
-    import h5py
+    from rayrm.data.hdf5 import open_hdf5
 
     estimator = ProgressEstimator(checkpoint, dtype=dtype, options=options)
     results = {}
-    with h5py.File(h5_path, "r") as f:
+    with open_hdf5(h5_path) as f:
         ref_idx, ref_frames = _episode(f, reference, camera, num_reference)
         ref_progress = (ref_idx + 1) / len(f[reference][camera])
         for episode_id in episodes or [name for name in f if name != reference]:

@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import functools
 import glob
 import logging
 import os
-import urllib.parse
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -39,7 +37,7 @@ from pyarrow import fs as pafs
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockAccessor, BlockMetadata
 
-from rayrm.data import schema
+from rayrm.data import schema, storage
 
 logger = logging.getLogger(__name__)
 
@@ -87,52 +85,23 @@ class InvalidEpisodesError(ValueError):
 # --------------------------------------------------------------------------- paths and files
 
 
-def is_url(path: str) -> bool:
-    return "://" in path
-
-
-@functools.lru_cache(maxsize=32)
-def _filesystem(root: str) -> pafs.FileSystem:
-    """One file system object per scheme and bucket (S3 clients are costly to build)."""
-    return pafs.FileSystem.from_uri(root)[0]
-
-
-def _split_url(url: str) -> tuple[pafs.FileSystem, str]:
-    """``s3://bucket/key`` -> (the bucket's file system, ``bucket/key``);
-    ``file:///a/b`` -> (the local file system, ``/a/b``).
-
-    The path is cut by hand: ``from_uri`` on every file would build a new S3 client each
-    time, and a URL parser would take a glob's ``?`` for a query."""
-    scheme, _, rest = url.partition("://")
-    if scheme == "file":
-        return _filesystem("file:///"), urllib.parse.unquote(rest)
-    if scheme in ("s3", "gs", "gcs"):
-        return _filesystem(f"{scheme}://{rest.split('/', 1)[0]}"), urllib.parse.unquote(rest)
-    return pafs.FileSystem.from_uri(url)  # hdfs and the rest: paths of their own form
-
-
-def _as_url(url: str, path: str) -> str:
-    # from_uri gives "bucket/key" for s3 and gs, "/abs/path" for file: scheme + "://" + path.
-    return f"{url.partition('://')[0]}://{path}"
-
-
 def _list_url(spec: str) -> list[str]:
-    fs, path = _split_url(spec)
+    fs, path = storage.filesystem(spec)
     parts = path.split("/")
     wild = next((i for i, p in enumerate(parts) if any(c in p for c in _GLOB_CHARS)), None)
     if wild is None:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.File:
-            return [_as_url(spec, path)]
+            return [storage.as_url(spec, path)]
         if info.type != pafs.FileType.Directory:
             return []
         listing = fs.get_file_info(pafs.FileSelector(path))
-        return [_as_url(spec, i.path) for i in listing if i.path.endswith(HDF5_SUFFIXES)]
+        return [storage.as_url(spec, i.path) for i in listing if i.path.endswith(HDF5_SUFFIXES)]
     base = "/".join(parts[:wild]) or "/"
     selector = pafs.FileSelector(base, recursive=len(parts) - wild > 1, allow_not_found=True)
     listing = fs.get_file_info(selector)
     return [
-        _as_url(spec, i.path)
+        storage.as_url(spec, i.path)
         for i in listing
         if i.type == pafs.FileType.File and _glob_match(i.path.split("/"), parts)
     ]
@@ -157,7 +126,7 @@ def _list_local(spec: str) -> list[str]:
 
 def list_hdf5_files(spec: str) -> list[str]:
     """An HDF5 file, a folder of them, or a glob (local path or URL) -> sorted list of files."""
-    files = _list_url(spec) if is_url(spec) else _list_local(spec)
+    files = _list_url(spec) if storage.is_url(spec) else _list_local(spec)
     if not files:
         raise FileNotFoundError(f"no HDF5 episode files at '{spec}'")
     return sorted(files)
@@ -166,12 +135,11 @@ def list_hdf5_files(spec: str) -> list[str]:
 @contextlib.contextmanager
 def open_hdf5(path: str) -> Iterator[h5py.File]:
     """A read-only h5py file: local paths natively, URLs through a pyarrow file object."""
-    if not is_url(path):
+    if not storage.is_url(path):
         with h5py.File(path, "r") as handle:
             yield handle
         return
-    fs, key = _split_url(path)
-    with fs.open_input_file(key) as raw, h5py.File(raw, "r") as handle:
+    with storage.open_input(path) as raw, h5py.File(raw, "r") as handle:
         yield handle
 
 

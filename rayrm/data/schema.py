@@ -19,30 +19,67 @@ Optional attributes of an episode group (the synthetic generator writes all of t
 ``success`` (bool), ``stage_boundaries`` (int [K-1], first frame of stages 2..K),
 ``num_stages`` (int), ``failure_mode`` (str).
 
-Embedding shards (output of ``rayrm embed``, input of train and evaluate)
------------------------------------------------------------------------
-A folder with ``manifest.json`` (written last; see :data:`MANIFEST_NAME`) and Parquet files
-under ``shards/``. One row per episode, so a training worker reads whole episode sequences
-without any regrouping:
+Embedding shards (output of ``rayrm embed``, input of annotate, train and evaluate)
+-----------------------------------------------------------------------------------
+A folder (local path or URL) whose ``manifest.json`` is the commit record: it is written
+last, and it names every file that belongs to the result. Readers open the manifest and the
+files it names, nothing else; a file it does not name (a crashed run's, an older version's
+before clean-up) is ignored. No file is ever changed once written, and every name is unique,
+so no step needs a rename (object stores have none)::
+
+    manifest.json                  the commit record (:data:`MANIFEST_NAME`)
+    episodes-<id>.parquet          one row per episode: metadata, language vector, where its
+                                   frame embeddings are (:data:`EPISODE_INDEX_SCHEMA`)
+    chunks/<run>-<task>.parquet    frame embeddings, one row per chunk (:data:`CHUNK_SCHEMA`)
+    failures-<run>.json            episodes that could not be embedded
+    _run/                          an unfinished run's own state; never read by readers
+
+**A chunked episode.** An episode's frame embeddings are stored as one or more *chunks*: runs
+of consecutive frames ``[frame_start, frame_start + num_frames)``, each one row of a chunk
+file and **each row its own Parquet row group**, so a reader fetches exactly the chunks it
+needs and no other episode's bytes. The episodes table lists an episode's chunks in frame
+order (``chunk_file[i]``, ``chunk_row_group[i]``, ``chunk_start[i]``); they tile ``[0, T)``
+exactly, each frame once. An episode is whole in one chunk unless it is longer than a read
+block or straddles two blocks, so no episode ever has to fit in one block or one call.
+Reading an episode = concatenating the ``visual_embedding`` values of its chunks in that order
+(:class:`rayrm.data.shards.EpisodeReader`).
+
+Chunk rows (:data:`CHUNK_SCHEMA`, in ``chunks/``):
+
+=======================  ======================  ==========================================
+column                   Arrow type              meaning
+=======================  ======================  ==========================================
+``episode_id``           string                  the episode the frames belong to
+``frame_start``          int32                   first frame index of the chunk
+``num_frames``           int32                   frames in the chunk (n)
+``visual_embedding``     large_list<float32>     n * D values, row-major [n, D]
+=======================  ======================  ==========================================
+
+Episode rows (:data:`EPISODE_INDEX_SCHEMA`, the ``episodes-<id>.parquet`` table):
 
 =======================  ======================  ==========================================
 column                   Arrow type              meaning
 =======================  ======================  ==========================================
 ``episode_id``           string                  HDF5 group name
-``source_file``          string                  HDF5 file it came from
+``source_file``          string                  HDF5 file it came from (path or URL)
 ``num_frames``           int32                   T
 ``prompt``               string                  task instruction used for the embedding
 ``success``              bool (nullable)         episode attribute, null when unknown
 ``stage_boundaries``     list<int32>             ground-truth stage starts (may be empty)
-``visual_embedding``     large_list<float32>     T * D values, row-major [T, D]
 ``language_embedding``   list<float32>           [D_lang], empty for backbones without one
-``progress``             list<float32>           (t + 1) / T for t = 0..T-1
+``chunk_file``           list<string>            chunk files, relative to the folder
+``chunk_row_group``      list<int32>             row group of each chunk in its file
+``chunk_start``          list<int32>             first frame of each chunk (increasing)
 =======================  ======================  ==========================================
 
-``D`` and ``D_lang`` are stored in the manifest (``visual_dim``, ``language_dim``).
+Readers hand out whole episodes (:data:`EPISODE_SCHEMA`): the episode columns above without
+the chunk locations, plus ``visual_embedding`` (large_list<float32>, T * D values, row-major
+[T, D]) assembled from the chunks. ``D`` and ``D_lang`` are stored in the manifest
+(``visual_dim``, ``language_dim``); the progress label (t + 1) / T follows from T.
 
-Stage labels (SARM), added by ``rayrm annotate`` to every row (empty lists for episodes the
-stage JSON does not cover); the manifest then also holds ``num_stages`` and ``stage_names``:
+Stage labels (SARM), added by ``rayrm annotate`` to every episode row (empty lists for episodes
+the stage JSON does not cover), in a new episodes table under a new manifest that names the
+same chunk files; the manifest then also holds ``num_stages`` and ``stage_names``:
 
 =======================  ======================  ==========================================
 column                   Arrow type              meaning
@@ -70,21 +107,40 @@ ATTR_NUM_STAGES = "num_stages"
 ATTR_FAILURE_MODE = "failure_mode"
 
 MANIFEST_NAME = "manifest.json"
-SHARDS_DIR = "shards"
+CHUNKS_DIR = "chunks"
+RUN_DIR = "_run"  # an unfinished embedding run's state: run.json, failures.json
+EPISODES_PREFIX = "episodes-"
+FAILURES_PREFIX = "failures-"
+EMBEDDINGS_FORMAT = "rayrm.embeddings/2"
 
-EPISODE_SCHEMA = pa.schema(
+CHUNK_SCHEMA = pa.schema(
     [
         pa.field("episode_id", pa.string(), nullable=False),
-        pa.field("source_file", pa.string(), nullable=False),
+        pa.field("frame_start", pa.int32(), nullable=False),
         pa.field("num_frames", pa.int32(), nullable=False),
-        pa.field("prompt", pa.string(), nullable=False),
-        pa.field("success", pa.bool_(), nullable=True),
-        pa.field("stage_boundaries", pa.list_(pa.int32()), nullable=False),
         pa.field("visual_embedding", pa.large_list(pa.float32()), nullable=False),
-        pa.field("language_embedding", pa.list_(pa.float32()), nullable=False),
-        pa.field("progress", pa.list_(pa.float32()), nullable=False),
     ]
 )
+
+_EPISODE_FIELDS = [
+    pa.field("episode_id", pa.string(), nullable=False),
+    pa.field("source_file", pa.string(), nullable=False),
+    pa.field("num_frames", pa.int32(), nullable=False),
+    pa.field("prompt", pa.string(), nullable=False),
+    pa.field("success", pa.bool_(), nullable=True),
+    pa.field("stage_boundaries", pa.list_(pa.int32()), nullable=False),
+    pa.field("language_embedding", pa.list_(pa.float32()), nullable=False),
+]
+CHUNK_LOCATION_FIELDS = [
+    pa.field("chunk_file", pa.list_(pa.string()), nullable=False),
+    pa.field("chunk_row_group", pa.list_(pa.int32()), nullable=False),
+    pa.field("chunk_start", pa.list_(pa.int32()), nullable=False),
+]
+CHUNK_LOCATION_COLUMNS = [f.name for f in CHUNK_LOCATION_FIELDS]
+EPISODE_INDEX_SCHEMA = pa.schema(_EPISODE_FIELDS + CHUNK_LOCATION_FIELDS)
+
+VISUAL_FIELD = pa.field("visual_embedding", pa.large_list(pa.float32()), nullable=False)
+EPISODE_SCHEMA = pa.schema(_EPISODE_FIELDS[:6] + [VISUAL_FIELD] + _EPISODE_FIELDS[6:])
 
 # Columns the training and evaluation readers need; anything else is ignored.
 TRAIN_COLUMNS = [

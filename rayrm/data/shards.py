@@ -1,14 +1,25 @@
-"""Reading embedding shards (layout in ``rayrm.data.schema``), splitting episodes, and putting a
-finished shard folder in place (``rayrm embed`` and ``rayrm annotate`` both publish one)."""
+"""Embedding shards (layout in ``rayrm.data.schema``): writing chunks where the embeddings are
+made, committing a folder by its manifest, and reading whole episodes back.
+
+The writer (:func:`write_chunks`) runs inside Ray Data tasks beside the embedding actors: it
+turns a block of frame embeddings into chunk rows, writes them as one new Parquet file (each
+row its own row group) and returns only their locations, so no embedding travels to the
+driver. The driver builds the episodes table from those locations (:func:`episode_index_table`)
+and commits the folder by writing its manifest last (:func:`commit`).
+
+The reader (:class:`EpisodeReader`) opens the manifest, the episodes table and then only the
+row groups of the episodes asked for: a training rank reading its own episodes reads its share
+of the bytes and nothing else (``bytes_read`` counts them). :func:`episode_dataset` is the same
+as a Ray Dataset of whole-episode rows for evaluation.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import shutil
+import logging
 import uuid
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,80 +29,456 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from rayrm.data import schema
+from rayrm.data import schema, storage
+
+logger = logging.getLogger(__name__)
+
+_READ_THREADS = 8  # chunk files fetched at once (object stores answer slowly but in parallel)
 
 
 class ShardError(ValueError):
     """Embedding shards that are missing, incomplete or inconsistent."""
 
 
-def sibling_path(path: str, tag: str) -> str:
-    """A unique hidden name next to ``path`` (same file system, so renames are atomic)."""
-    parent = os.path.dirname(os.path.abspath(path))
-    name = os.path.basename(os.path.abspath(path))
-    return os.path.join(parent, f".{name}.{tag}-{uuid.uuid4().hex[:8]}")
+# --------------------------------------------------------------------------- writing chunks
+
+CHUNK_RECORD_SCHEMA = pa.schema(
+    [
+        pa.field("file", pa.string()),  # relative to the folder; "" for a chunk not written
+        pa.field("row_group", pa.int32()),
+        pa.field("episode_id", pa.string()),
+        pa.field("frame_start", pa.int32()),
+        pa.field("num_frames", pa.int32()),
+        pa.field("problem", pa.string()),  # null, or why the chunk was not written
+    ]
+)
+"""What a write task returns per chunk: its location, never its embeddings."""
 
 
-def replace_folder(new: str, target: str) -> None:
-    """Move the finished folder ``new`` to ``target``, replacing whatever is there.
+def chunk_file_name(run_id: str) -> str:
+    return f"{schema.CHUNKS_DIR}/{run_id}-{uuid.uuid4().hex[:12]}.parquet"
 
-    The old ``target`` is renamed aside first and deleted only once the new one is in place,
-    so a failure in between leaves the old one where it was."""
-    if not os.path.exists(target):
-        os.replace(new, target)
-        return
-    old = sibling_path(target, "old")
-    os.replace(target, old)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    if os.path.isdir(old):
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.remove(old)
+
+def _runs(episode_ids: np.ndarray, frame_index: np.ndarray) -> list[tuple[int, int]]:
+    """[a, b) row ranges of consecutive frames of one episode."""
+    if not len(episode_ids):
+        return []
+    breaks = (episode_ids[1:] != episode_ids[:-1]) | (np.diff(frame_index) != 1)
+    starts = np.flatnonzero(np.r_[True, breaks])
+    return list(zip(starts.tolist(), np.r_[starts[1:], len(episode_ids)].tolist()))
+
+
+def chunk_table(batch: dict[str, np.ndarray]) -> tuple[pa.Table, list[dict]]:
+    """Frame rows (episode_id, frame_index, visual_embedding) -> chunk rows of the finite
+    runs, and a record for every run that holds a non-finite value (not written)."""
+    ids, index = batch["episode_id"], batch["frame_index"]
+    visual = np.asarray(batch["visual_embedding"], dtype=np.float32)
+    keep, bad = [], []
+    for a, b in _runs(ids, index):
+        finite = np.isfinite(visual[a:b]).all(axis=1)
+        if finite.all():
+            keep.append((a, b))
+            continue
+        frame = int(index[a + int(np.argmin(finite))])
+        bad.append(
+            {
+                "episode_id": str(ids[a]),
+                "frame_start": int(index[a]),
+                "num_frames": b - a,
+                "problem": f"non-finite visual embedding at frame {frame}",
+            }
+        )
+    dim = visual.shape[1] if visual.ndim == 2 else 0
+    sizes = np.array([(b - a) * dim for a, b in keep], np.int64)
+    offsets = np.r_[0, np.cumsum(sizes)].astype(np.int64)
+    values = np.concatenate([visual[a:b].ravel() for a, b in keep]) if keep else np.zeros(0, "f4")
+    table = pa.Table.from_pydict(
+        {
+            "episode_id": pa.array([str(ids[a]) for a, _ in keep], pa.string()),
+            "frame_start": pa.array([int(index[a]) for a, _ in keep], pa.int32()),
+            "num_frames": pa.array([b - a for a, b in keep], pa.int32()),
+            "visual_embedding": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values)),
+        },
+        schema=schema.CHUNK_SCHEMA,
+    )
+    return table, bad
+
+
+def write_chunks(batch: dict[str, np.ndarray], folder: str, run_id: str) -> pa.Table:
+    """Ray Data map function: write one block's chunks as a new file under ``folder``; return
+    their :data:`CHUNK_RECORD_SCHEMA` records (the only thing the driver receives).
+
+    One row group per chunk (``row_group_size=1``) lets readers fetch single chunks. No
+    compression: float embeddings do not compress, and encoding time is what bounds a writer.
+    """
+    table, bad = chunk_table(batch)
+    name = ""
+    if table.num_rows:
+        name = chunk_file_name(run_id)
+        storage.write_parquet(
+            table, storage.join(folder, name), row_group_size=1, compression="none"
+        )
+    records = {
+        "file": [name] * table.num_rows + [""] * len(bad),
+        "row_group": list(range(table.num_rows)) + [-1] * len(bad),
+        "episode_id": table.column("episode_id").to_pylist() + [r["episode_id"] for r in bad],
+        "frame_start": table.column("frame_start").to_pylist() + [r["frame_start"] for r in bad],
+        "num_frames": table.column("num_frames").to_pylist() + [r["num_frames"] for r in bad],
+        "problem": [None] * table.num_rows + [r["problem"] for r in bad],
+    }
+    return pa.Table.from_pydict(records, schema=CHUNK_RECORD_SCHEMA)
+
+
+def chunk_records(folder: str, name: str) -> pa.Table:
+    """The records of a chunk file already written (resume reads them back; small columns)."""
+    table = pq.read_table(
+        storage.open_input(storage.join(folder, name)),
+        columns=["episode_id", "frame_start", "num_frames"],
+    )
+    n = table.num_rows
+    return pa.table(
+        {
+            "file": pa.array([name] * n, pa.string()),
+            "row_group": pa.array(np.arange(n, dtype=np.int32)),
+            "episode_id": table.column("episode_id"),
+            "frame_start": table.column("frame_start"),
+            "num_frames": table.column("num_frames"),
+            "problem": pa.nulls(n, pa.string()),
+        },
+        schema=CHUNK_RECORD_SCHEMA,
+    )
+
+
+@dataclass(frozen=True)
+class ChunkLocation:
+    file: str
+    row_group: int
+    start: int
+    frames: int
+
+
+def tile_chunks(records: Iterable[ChunkLocation], num_frames: int) -> list[ChunkLocation] | None:
+    """Chunks that cover frames [0, num_frames) exactly once, or None when they do not.
+
+    Candidates may repeat (a retried write task writes its block again under another name)
+    or be left over from an earlier attempt at the episode: the first chunk (by file name)
+    that starts where the previous one ended is taken, so the choice is deterministic."""
+    by_start: dict[int, ChunkLocation] = {}
+    for rec in sorted(records, key=lambda r: (r.start, r.file, r.row_group)):
+        by_start.setdefault(rec.start, rec)
+    tiles, frame = [], 0
+    while frame < num_frames:
+        rec = by_start.get(frame)
+        if rec is None:
+            return None
+        tiles.append(rec)
+        frame += rec.frames
+    return tiles if frame == num_frames else None
+
+
+def episode_index_table(
+    episodes: list[Any], language: dict[str, np.ndarray], chunks: dict[str, list[ChunkLocation]]
+) -> pa.Table:
+    """The episodes table (:data:`schema.EPISODE_INDEX_SCHEMA`) of whole episodes, sorted by id.
+
+    ``episodes`` are :class:`rayrm.data.hdf5.EpisodeInfo`; ``chunks`` their tilings."""
+    infos = sorted(episodes, key=lambda e: e.episode_id)
+    tiles = [chunks[i.episode_id] for i in infos]
+    columns = {
+        "episode_id": [i.episode_id for i in infos],
+        "source_file": [i.source_file for i in infos],
+        "num_frames": [i.num_frames for i in infos],
+        "prompt": [i.prompt for i in infos],
+        "success": [i.success for i in infos],
+        "stage_boundaries": [list(i.stage_boundaries) for i in infos],
+        "language_embedding": [np.asarray(language[i.prompt], np.float32) for i in infos],
+        "chunk_file": [[c.file for c in t] for t in tiles],
+        "chunk_row_group": [[c.row_group for c in t] for t in tiles],
+        "chunk_start": [[c.start for c in t] for t in tiles],
+    }
+    return pa.Table.from_pydict(columns, schema=schema.EPISODE_INDEX_SCHEMA)
+
+
+def whole_episode_table(rows: list[tuple[Any, np.ndarray]], language: dict[str, np.ndarray]):
+    """(EpisodeInfo, visual [T, D]) pairs -> whole-episode rows (:data:`schema.EPISODE_SCHEMA`),
+    what :class:`EpisodeReader` hands out; for episodes embedded on the fly (evaluation)."""
+    infos = [info for info, _ in rows]
+    offsets = np.r_[0, np.cumsum([visual.size for _, visual in rows])].astype(np.int64)
+    flat = [np.asarray(visual, np.float32).ravel() for _, visual in rows]
+    values = np.concatenate(flat) if flat else np.zeros(0, np.float32)
+    columns = {
+        "episode_id": [i.episode_id for i in infos],
+        "source_file": [i.source_file for i in infos],
+        "num_frames": [i.num_frames for i in infos],
+        "prompt": [i.prompt for i in infos],
+        "success": [i.success for i in infos],
+        "stage_boundaries": [list(i.stage_boundaries) for i in infos],
+        "visual_embedding": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values)),
+        "language_embedding": [np.asarray(language[i.prompt], np.float32) for i in infos],
+    }
+    return pa.Table.from_pydict(columns, schema=schema.EPISODE_SCHEMA)
+
+
+def episodes_file_name(run_id: str) -> str:
+    return f"{schema.EPISODES_PREFIX}{run_id}-{uuid.uuid4().hex[:8]}.parquet"
+
+
+# --------------------------------------------------------------------------- committing
+
+
+def commit(folder: str, manifest: dict[str, Any]) -> None:
+    """Publish ``manifest`` (it names the episodes table and every chunk file), then remove
+    the files of this folder that no manifest names any more."""
+    storage.write_json(storage.join(folder, schema.MANIFEST_NAME), manifest)
+    remove_unreferenced(folder, manifest)
+
+
+def _referenced(manifest: dict[str, Any]) -> set[str]:
+    return {manifest["episodes"], manifest.get("failures") or "", *manifest["chunks"]}
+
+
+def remove_unreferenced(folder: str, manifest: dict[str, Any]) -> None:
+    """Best effort: chunk files, episodes tables and failure lists the manifest does not name
+    (an earlier version's, a crashed or retried task's). Other files are left alone."""
+    keep = _referenced(manifest)
+    ours = [
+        f"{schema.CHUNKS_DIR}/{n}" for n in storage.listdir(storage.join(folder, schema.CHUNKS_DIR))
+    ]
+    ours += [
+        n
+        for n in storage.listdir(folder)
+        if n.startswith((schema.EPISODES_PREFIX, schema.FAILURES_PREFIX))
+    ]
+    for name in ours:
+        if name not in keep:
+            try:
+                storage.delete(storage.join(folder, name))
+            except OSError as err:
+                logger.warning("could not remove %s from %s: %s", name, folder, err)
+
+
+def write_episode_folder(folder: str, episodes: pa.Table, manifest: dict[str, Any]) -> None:
+    """Whole-episode rows (:data:`schema.EPISODE_SCHEMA`) as a committed embedding folder, one
+    chunk per episode: for embeddings made elsewhere (benchmarks, imports). ``manifest`` adds
+    to what is derived here (``visual_dim`` and ``language_dim`` are required)."""
+    run_id = uuid.uuid4().hex[:12]
+    lengths = episodes.column("num_frames").to_numpy().astype(np.int64)
+    chunks = pa.table(
+        {
+            "episode_id": episodes.column("episode_id"),
+            "frame_start": pa.array(np.zeros(len(lengths), np.int32)),
+            "num_frames": pa.array(lengths.astype(np.int32)),
+            "visual_embedding": episodes.column("visual_embedding"),
+        },
+        schema=schema.CHUNK_SCHEMA,
+    )
+    name = chunk_file_name(run_id)
+    storage.write_parquet(chunks, storage.join(folder, name), row_group_size=1, compression="none")
+    index = episodes.drop_columns(["visual_embedding"])
+    index = index.append_column(
+        schema.CHUNK_LOCATION_FIELDS[0], pa.array([[name]] * len(lengths), pa.list_(pa.string()))
+    )
+    index = index.append_column(
+        schema.CHUNK_LOCATION_FIELDS[1],
+        pa.array([[i] for i in range(len(lengths))], pa.list_(pa.int32())),
+    )
+    index = index.append_column(
+        schema.CHUNK_LOCATION_FIELDS[2], pa.array([[0]] * len(lengths), pa.list_(pa.int32()))
+    )
+    episodes_name = episodes_file_name(run_id)
+    storage.write_parquet(index, storage.join(folder, episodes_name))
+    full = {
+        "format": schema.EMBEDDINGS_FORMAT,
+        "num_episodes": len(lengths),
+        "num_frames": int(lengths.sum()),
+        "num_failed_episodes": 0,
+        "episodes": episodes_name,
+        "chunks": [name],
+        "run_id": run_id,
+        **manifest,
+    }
+    commit(folder, full)
+
+
+# --------------------------------------------------------------------------- reading
 
 
 def read_manifest(path: str) -> dict[str, Any]:
-    manifest = os.path.join(path, schema.MANIFEST_NAME)
-    if not os.path.exists(manifest):
+    """The committed manifest of an embedding folder (local path or URL)."""
+    where = storage.join(path, schema.MANIFEST_NAME)
+    try:
+        found = storage.exists(where)
+    except OSError as err:
+        raise ShardError(f"{path}: cannot read there: {err}") from err
+    if not found:
         raise ShardError(
             f"{path}: no {schema.MANIFEST_NAME}; not an embedding folder, or the embedding "
             "run did not finish (run `rayrm embed` first)"
         )
-    with open(manifest) as f:
-        return json.load(f)
+    manifest = storage.read_json(where)
+    if manifest.get("format") != schema.EMBEDDINGS_FORMAT:
+        raise ShardError(
+            f"{path}: embeddings of format {manifest.get('format')!r}, this rayrm reads "
+            f"{schema.EMBEDDINGS_FORMAT!r}: embed them again"
+        )
+    return manifest
 
 
-def shard_dir(path: str) -> str:
-    return os.path.join(path, schema.SHARDS_DIR)
+class EpisodeReader:
+    """Whole episodes of one committed embedding folder, reading only the chunks they need.
+
+    ``index()`` is the episodes table (small: no frame embeddings); ``read(ids, columns)``
+    returns whole-episode rows (:data:`schema.EPISODE_SCHEMA` columns, plus the stage labels
+    when annotated) sorted by episode id. ``bytes_read`` adds up the Parquet bytes of the
+    chunk row groups fetched so far."""
+
+    def __init__(self, path: str, manifest: dict[str, Any] | None = None):
+        self.path = storage.absolute(path)
+        self.manifest = manifest or read_manifest(path)
+        self.bytes_read = 0
+        self._index: pa.Table | None = None
+
+    def index(self) -> pa.Table:
+        if self._index is None:
+            where = storage.join(self.path, self.manifest["episodes"])
+            with storage.open_input(where) as f:
+                self._index = pq.read_table(f).sort_by("episode_id")
+        return self._index
+
+    def columns(self) -> list[str]:
+        """Every column ``read`` can return."""
+        names = [n for n in self.index().column_names if n not in schema.CHUNK_LOCATION_COLUMNS]
+        return names[:6] + ["visual_embedding"] + names[6:]
+
+    def read(self, ids: list[str] | None = None, columns: list[str] | None = None) -> pa.Table:
+        index = self.index()
+        if ids is not None:
+            keep = pc.is_in(index.column("episode_id"), value_set=pa.array(ids, pa.string()))
+            index = index.filter(keep)
+        columns = columns or self.columns()
+        check_columns(
+            pa.schema([pa.field(c, pa.null()) for c in self.columns()]), columns, self.path
+        )
+        out = index.select([c for c in columns if c != "visual_embedding"])
+        if "visual_embedding" in columns:
+            position = columns.index("visual_embedding")
+            out = out.add_column(position, schema.VISUAL_FIELD, self._visual(index))
+        return out
+
+    def _visual(self, index: pa.Table) -> pa.LargeListArray:
+        files = index.column("chunk_file").to_pylist()
+        groups = index.column("chunk_row_group").to_pylist()
+        starts = index.column("chunk_start").to_pylist()
+        wanted: dict[str, set[int]] = {}
+        for names, rgs in zip(files, groups):
+            for name, rg in zip(names, rgs):
+                wanted.setdefault(name, set()).add(rg)
+        with ThreadPoolExecutor(_READ_THREADS) as pool:
+            results = list(pool.map(lambda item: self._fetch(*item), sorted(wanted.items())))
+        fetched = {name: chunks for name, chunks, _ in results}
+        self.bytes_read += sum(nbytes for _, _, nbytes in results)
+        episode_ids = index.column("episode_id").to_pylist()
+        lengths = index.column("num_frames").to_pylist()
+        parts, sizes = [], []
+        for row, (names, rgs, chunk_starts) in enumerate(zip(files, groups, starts)):
+            frame, size = 0, 0
+            for name, rg, start in zip(names, rgs, chunk_starts):
+                episode, first, n, values = fetched[name][rg]
+                if episode != episode_ids[row] or not first == start == frame:
+                    raise ShardError(
+                        f"{self.path}: {name} row group {rg} is not the chunk the episodes "
+                        f"table names for {episode_ids[row]} at frame {frame}; the folder "
+                        "is damaged"
+                    )
+                parts.append(values)
+                frame += n
+                size += len(values)
+            if frame != lengths[row]:
+                raise ShardError(
+                    f"{self.path}: episode {episode_ids[row]}: chunks hold {frame} of its "
+                    f"{lengths[row]} frames; the folder is damaged"
+                )
+            sizes.append(size)
+        offsets = np.r_[0, np.cumsum(sizes)].astype(np.int64)
+        values = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+        return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+    def _fetch(self, name: str, row_groups: set[int]) -> tuple[str, dict[int, tuple], int]:
+        """Row groups of one chunk file -> (name, {row group: (episode_id, frame_start,
+        frames, values)}, Parquet bytes read)."""
+        order = sorted(row_groups)
+        columns = ["episode_id", "frame_start", "num_frames", "visual_embedding"]
+        with storage.open_input(storage.join(self.path, name)) as f:
+            parquet = pq.ParquetFile(f)
+            table = parquet.read_row_groups(order, columns=columns)
+            meta = parquet.metadata
+            nbytes = sum(
+                meta.row_group(g).column(c).total_compressed_size
+                for g in order
+                for c in range(meta.num_columns)
+                if meta.row_group(g).column(c).path_in_schema.split(".")[0] in columns
+            )
+        ids = table.column("episode_id").to_pylist()
+        firsts = table.column("frame_start").to_pylist()
+        counts = table.column("num_frames").to_pylist()
+        lists = table.column("visual_embedding").combine_chunks()
+        offsets = lists.offsets.to_numpy()
+        flat = lists.values.to_numpy(zero_copy_only=False)
+        chunks = {
+            g: (ids[i], firsts[i], counts[i], flat[offsets[i] : offsets[i + 1]])
+            for i, g in enumerate(order)
+        }
+        return name, chunks, nbytes
 
 
 def read_episode_index(path: str) -> pa.Table:
-    """The small per-episode columns of every shard (no embeddings) for the driver."""
-    table = pq.read_table(
-        shard_dir(path),
-        columns=["episode_id", "num_frames", "prompt", "success", "stage_boundaries"],
-    )
-    return table.sort_by("episode_id")
+    """The small per-episode columns of every episode (no embeddings), sorted by id."""
+    columns = ["episode_id", "num_frames", "prompt", "success", "stage_boundaries"]
+    return EpisodeReader(path).index().select(columns)
+
+
+def read_episodes(
+    path: str, ids: list[str] | None = None, columns: list[str] | None = None
+) -> pa.Table:
+    """Whole-episode rows (default: every column) of ``ids`` (default: all), sorted by id."""
+    return EpisodeReader(path).read(ids, columns)
+
+
+def _read_group(batch: pa.Table, path: str, manifest: dict, columns: list[str]) -> pa.Table:
+    ids = [i for group in batch.column("ids").to_pylist() for i in group]
+    return EpisodeReader(path, manifest).read(ids, columns)
 
 
 def episode_dataset(
-    path: str, episode_ids: list[str] | None = None, columns: list[str] | None = None
+    path: str,
+    episode_ids: list[str] | None = None,
+    columns: list[str] | None = None,
+    frames_per_task: int = 1 << 16,
 ) -> ray.data.Dataset:
-    """Ray Dataset of the shards' rows (``columns``, default the training columns),
-    optionally only some episodes."""
+    """Ray Dataset of whole-episode rows (``columns``, default the training columns) of
+    ``episode_ids`` (default all): read tasks of about ``frames_per_task`` frames, each
+    fetching only its episodes' chunks."""
+    reader = EpisodeReader(path)
     columns = columns or schema.TRAIN_COLUMNS
-    dataset = ray.data.read_parquet(shard_dir(path)).select_columns(columns)
-    if episode_ids is None:
-        return dataset
-    keep = pa.array(episode_ids, type=pa.string())
-
-    def select(batch: pa.Table) -> pa.Table:
-        return batch.filter(pc.is_in(batch.column("episode_id"), value_set=keep))
-
-    return dataset.map_batches(select, batch_format="pyarrow")
+    index = reader.index().select(["episode_id", "num_frames"])
+    if episode_ids is not None:
+        keep = pc.is_in(index.column("episode_id"), value_set=pa.array(episode_ids, pa.string()))
+        index = index.filter(keep)
+    groups, group, frames = [], [], 0
+    for episode, n in zip(index.column(0).to_pylist(), index.column(1).to_pylist()):
+        group.append(episode)
+        frames += n
+        if frames >= frames_per_task:
+            groups.append(group)
+            group, frames = [], 0
+    groups += [group] if group else []
+    items = ray.data.from_items([{"ids": g} for g in groups], override_num_blocks=len(groups) or 1)
+    return items.map_batches(
+        _read_group,
+        fn_kwargs={"path": reader.path, "manifest": reader.manifest, "columns": columns},
+        batch_size=1,
+        batch_format="pyarrow",
+    )
 
 
 def check_columns(table_schema: pa.Schema, required: Iterable[str], where: str) -> None:

@@ -12,11 +12,12 @@ import logging
 import os
 from dataclasses import dataclass
 
-import h5py
 import numpy as np
 import ray
 
 from rayrm.annotate.videos import safe_name
+from rayrm.data import storage
+from rayrm.data.hdf5 import open_hdf5
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +55,10 @@ def media_paths(output: str, episode_id: str) -> tuple[str, str]:
 def read_frames(row: dict, camera: str) -> np.ndarray | str:
     """The sequence's camera frames (in its step order), or why they can't be read."""
     source = row["source_file"]
-    if not source or not os.path.exists(source):
+    if not source or not storage.exists(source):
         return f"source file {source or '(none)'} not found"
     try:
-        with h5py.File(source, "r") as handle:
+        with open_hdf5(source) as handle:
             frames = handle[row["source_episode"]][camera][:]
     except (OSError, KeyError) as err:
         return f"cannot read {camera} of {row['source_episode']} in {source}: {err}"

@@ -44,18 +44,17 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 
 from rayrm.config import BackboneConfig, Config, from_dict
-from rayrm.data import schema
+from rayrm.data import schema, storage
 from rayrm.data.hdf5 import InvalidEpisodesError, list_hdf5_files, scan_episodes
 from rayrm.data.shards import (
-    ShardError,
+    EpisodeReader,
     episode_dataset,
     read_episode_index,
     read_manifest,
-    shard_dir,
+    whole_episode_table,
 )
 from rayrm.evaluate.curves import CurveScorer
 from rayrm.evaluate.media import MediaJob, render_all
@@ -74,6 +73,8 @@ from rayrm.train.checkpoint import read_checkpoint_config
 from rayrm.train.trainer import find_checkpoint
 
 logger = logging.getLogger(__name__)
+
+_EPISODES_PER_GROUP = 64  # raw input: episodes assembled per groupby partition
 
 
 @dataclass
@@ -102,10 +103,7 @@ def _episode_ids(cfg: Config, checkpoint_config: dict) -> list[str] | None:
 
 
 def _shard_dataset(embeddings: str, ids: list[str]) -> ray.data.Dataset:
-    files = sorted(f for f in os.listdir(shard_dir(embeddings)) if f.endswith(".parquet"))
-    if not files:
-        raise ShardError(f"{embeddings}: no Parquet shards")
-    present = pq.read_schema(os.path.join(shard_dir(embeddings), files[0])).names
+    present = EpisodeReader(embeddings).columns()
     extra = [c for c in ("source_file", *schema.STAGE_COLUMNS) if c in present]
     return episode_dataset(embeddings, ids, columns=schema.TRAIN_COLUMNS + extra)
 
@@ -113,12 +111,12 @@ def _shard_dataset(embeddings: str, ids: list[str]) -> ray.data.Dataset:
 def _shard_instructions(embeddings: str, ids: list[str]) -> dict[str, list[float]]:
     """prompt -> language embedding of each task among the episodes ``ids`` (taken from the
     first of its episodes: the embedding depends on the prompt alone)."""
-    columns = ["episode_id", "prompt", "language_embedding"]
-    table = pq.read_table(shard_dir(embeddings), columns=columns)
+    table = EpisodeReader(embeddings).index()
     keep = pc.is_in(table.column("episode_id"), value_set=pa.array(ids, pa.string()))
     table = table.filter(keep)
     found: dict[str, list[float]] = {}
-    prompts, vectors = table.column("prompt").to_pylist(), table.column(columns[2]).to_pylist()
+    prompts = table.column("prompt").to_pylist()
+    vectors = table.column("language_embedding").to_pylist()
     for prompt, vector in zip(prompts, vectors):
         found.setdefault(prompt, vector)
     return found
@@ -144,7 +142,7 @@ def wrong_instructions(language: dict[str, Any]) -> dict[str, Any] | None:
 def _checkpoint_camera(checkpoint_config: dict) -> str:
     """The camera the checkpoint's embeddings were made from, when their manifest is around."""
     embeddings = checkpoint_config.get("embeddings")
-    if embeddings and os.path.exists(os.path.join(embeddings, schema.MANIFEST_NAME)):
+    if embeddings and storage.exists(storage.join(embeddings, schema.MANIFEST_NAME)):
         return read_manifest(embeddings).get("camera", "side_cam")
     return "side_cam"
 
@@ -194,7 +192,7 @@ def _raw_dataset(cfg: Config, checkpoint_config: dict, ids: list[str] | None):
     )
     # Frame embeddings -> one row per episode, inside Ray Data (a groupby: evaluation needs
     # whole episodes and, unlike `rayrm embed`, nothing to resume).
-    groups = max(1, len(episodes) // max(1, cfg.embed.episodes_per_shard))
+    groups = max(1, len(episodes) // _EPISODES_PER_GROUP)
     return (
         build_dataset(embed_cfg, episodes)
         .groupby("episode_id", num_partitions=groups)
@@ -208,14 +206,12 @@ def _raw_dataset(cfg: Config, checkpoint_config: dict, ids: list[str] | None):
 
 def _episode_row(frames: dict, episodes: dict, language: dict) -> pa.Table:
     """All frame embeddings of one episode -> its row in the embedding-shard layout."""
-    from rayrm.embed import episode_table
-
     info = episodes[str(frames["episode_id"][0])]
     order = np.argsort(frames["frame_index"], kind="stable")
     if not np.array_equal(frames["frame_index"][order], np.arange(info.num_frames)):
         raise RuntimeError(f"episode {info.episode_id}: frames missing or repeated")
     visual = np.asarray(frames["visual_embedding"], np.float32)[order]
-    return episode_table([(info, visual)], language)
+    return whole_episode_table([(info, visual)], language)
 
 
 def score_episodes(
@@ -311,7 +307,10 @@ def _row(rows: dict, i: int) -> dict:
     return {name: values[i] for name, values in rows.items()}
 
 
-def write_media(cfg: Config, rows, blind_rows, names, k_model, groups, camera) -> list[dict]:
+def write_media(
+    cfg: Config, out: str, rows, blind_rows, names, k_model, groups, camera
+) -> list[dict]:
+    """Per-episode figures and videos in the local folder ``out``."""
     ecfg = cfg.evaluate
     order = _balanced_order(rows, groups)
     figures = order[: _limit(ecfg.episode_figures, len(order))]
@@ -322,7 +321,7 @@ def write_media(cfg: Config, rows, blind_rows, names, k_model, groups, camera) -
             blind=None if blind_rows is None else _row(blind_rows, i),
             stage_names=names,
             num_stages=max(k_model, 1),
-            output=ecfg.output,
+            output=out,
             video=i in with_video,
             camera=camera,
             fps=ecfg.fps,
@@ -410,51 +409,57 @@ def run_evaluate(
         "blind_control": blind_metrics,
         "instruction": instruction_summary(rows, blind_rows),
     }
-    out = ecfg.output
-    metrics_path = os.path.join(out, "metrics.json")
-    write_json(metrics_path, result)
-    csv_tables = _csv_tables(model_metrics, blind_metrics, result["instruction"])
-    write_csv(os.path.join(out, "metrics.csv"), csv_tables)
-    for name, kind in (("curves.json", "episode"), ("rewound_curves.json", "rewound")):
-        keep = rows_of_kind(rows, kind)
-        write_json(os.path.join(out, name), {k: [v[i] for i in keep] for k, v in rows.items()})
-    groups = _groups(rows, k)
-    plot_path = os.path.join(out, "reward_curves.png")  # the summary figure
-    episode_groups = [groups[i] for i in rows_of_kind(rows, "episode")]
-    summary_figure(
-        plot_path,
-        rows,
-        blind_rows,
-        model_metrics,
-        blind_metrics,
-        episode_groups,
-        title,
-        per_class=ecfg.plot_episodes,
-    )
-    camera = source_camera(cfg, checkpoint_config)
-    cards = write_media(cfg, rows, blind_rows, names, k_model, groups, camera)
-    report_path = None
-    if ecfg.report:
-        facts = {
-            "checkpoint": checkpoint,
-            "blind control": blind_checkpoint or "none (set evaluate.blind_checkpoint)",
-            "model": f"SARM, K={k_model} ({', '.join(names)})" if k_model else "continuous",
-            "episodes": f"{len(rows_of_kind(rows, 'episode'))} ({ecfg.split}) from "
-            f"{ecfg.input or ecfg.embeddings}",
-            "rewound copies": len(rows_of_kind(rows, "rewound")),
-            "largest |prefix - causal|": f"{result['causal_max_abs_diff']:.1e}",
-        }
-        report_path = write_report(
-            os.path.join(out, "report.html"),
-            title,
-            facts,
+    # Figures, videos and the page are made by libraries that write local files: on a URL
+    # output they are made in a local folder and uploaded when all are done.
+    with storage.staged_output(ecfg.output) as out:
+        metrics_path = os.path.join(out, "metrics.json")
+        write_json(metrics_path, result)
+        csv_tables = _csv_tables(model_metrics, blind_metrics, result["instruction"])
+        write_csv(os.path.join(out, "metrics.csv"), csv_tables)
+        for name, kind in (("curves.json", "episode"), ("rewound_curves.json", "rewound")):
+            keep = rows_of_kind(rows, kind)
+            write_json(os.path.join(out, name), {k: [v[i] for i in keep] for k, v in rows.items()})
+        groups = _groups(rows, k)
+        plot_path = os.path.join(out, "reward_curves.png")  # the summary figure
+        episode_groups = [groups[i] for i in rows_of_kind(rows, "episode")]
+        summary_figure(
+            plot_path,
+            rows,
+            blind_rows,
             model_metrics,
             blind_metrics,
-            plot_path,
-            cards,
-            ecfg.embed_videos_mb,
-            instruction=result["instruction"],
+            episode_groups,
+            title,
+            per_class=ecfg.plot_episodes,
         )
+        camera = source_camera(cfg, checkpoint_config)
+        cards = write_media(cfg, out, rows, blind_rows, names, k_model, groups, camera)
+        report_path = None
+        if ecfg.report:
+            facts = {
+                "checkpoint": checkpoint,
+                "blind control": blind_checkpoint or "none (set evaluate.blind_checkpoint)",
+                "model": f"SARM, K={k_model} ({', '.join(names)})" if k_model else "continuous",
+                "episodes": f"{len(rows_of_kind(rows, 'episode'))} ({ecfg.split}) from "
+                f"{ecfg.input or ecfg.embeddings}",
+                "rewound copies": len(rows_of_kind(rows, "rewound")),
+                "largest |prefix - causal|": f"{result['causal_max_abs_diff']:.1e}",
+            }
+            report_path = write_report(
+                os.path.join(out, "report.html"),
+                title,
+                facts,
+                model_metrics,
+                blind_metrics,
+                plot_path,
+                cards,
+                ecfg.embed_videos_mb,
+                instruction=result["instruction"],
+            )
+    final = storage.absolute(ecfg.output)
+    metrics_path = storage.join(final, "metrics.json")
+    plot_path = storage.join(final, "reward_curves.png")
+    report_path = storage.join(final, "report.html") if report_path else None
     logger.info("wrote %s, %s and %s", metrics_path, plot_path, report_path or "no report")
     log_metrics(model_metrics, blind_metrics, result["instruction"])
     return EvalResult(result, metrics_path, plot_path, report_path, rows, blind_rows)

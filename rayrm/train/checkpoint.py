@@ -19,9 +19,11 @@ import os
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_weights
+from safetensors.torch import save_file
 
 from rayrm.config import ModelConfig, from_dict
+from rayrm.data import storage
 from rayrm.train.model import RewardTransformer
 
 WEIGHTS = "model.safetensors"
@@ -59,11 +61,11 @@ def save_checkpoint(
 
 
 def read_checkpoint_config(path: str) -> dict[str, Any]:
-    config_path = os.path.join(path, CONFIG)
-    if not os.path.exists(config_path):
+    """A checkpoint's ``config.json`` (local path or URL)."""
+    config_path = storage.join(path, CONFIG)
+    if not storage.exists(config_path):
         raise FileNotFoundError(f"{path}: not a rayrm checkpoint (no {CONFIG})")
-    with open(config_path) as f:
-        return json.load(f)
+    return storage.read_json(config_path)
 
 
 def load_model(path: str, device: torch.device | str = "cpu") -> tuple[RewardTransformer, dict]:
@@ -72,7 +74,7 @@ def load_model(path: str, device: torch.device | str = "cpu") -> tuple[RewardTra
     model = RewardTransformer(
         from_dict(ModelConfig, config["model"]), config["visual_dim"], config["language_dim"]
     )
-    model.load_state_dict(load_file(os.path.join(path, WEIGHTS)))
+    model.load_state_dict(load_weights(storage.read_bytes(storage.join(path, WEIGHTS))))
     return model.to(device).eval(), config
 
 

@@ -1,12 +1,12 @@
 """The per-worker training loop run by Ray Train's ``TorchTrainer`` (one copy per DDP rank).
 
 Data: the driver assigns whole episodes to ranks (balanced by frames, deterministic); each
-worker streams the episode rows through ``ray.train.get_dataset_shard("train")``, keeps its
-own episodes, and packs them into one flat frame buffer on its device. Rank 0 also loads the
-held-out episodes (``"val"``). Windows are sampled for the whole batch at once
-(``rayrm.train.windows``) as index tensors and gathered from the buffer, so no per-sample
-Python or file work sits between optimizer steps, and the same seed and worker count give the
-same weights.
+worker reads only its own episodes' chunks from the embedding folder (local path or URL, see
+:func:`load_episodes`), so N ranks read one copy of the training set between them, and packs
+them into one flat frame buffer on its device. Rank 0 also reads the held-out episodes.
+Windows are sampled for the whole batch at once (``rayrm.train.windows``) as index tensors
+and gathered from the buffer, so no per-sample Python or file work sits between optimizer
+steps, and the same seed and worker count give the same weights.
 
 All ranks run the same number of steps (computed by the driver from the global frame count)
 and report at the same steps; rank 0 validates, logs and writes the checkpoint. After a worker
@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import ray.train
 import ray.train.torch
 import torch
@@ -34,7 +32,14 @@ from torch.nn import functional as F
 
 from rayrm import metrics
 from rayrm.config import ModelConfig, TrainConfig, to_dict
-from rayrm.data.shards import EpisodeBatch, episodes_from_table, select_episodes
+from rayrm.data import storage
+from rayrm.data.shards import (
+    EpisodeBatch,
+    EpisodeReader,
+    ShardError,
+    episodes_from_table,
+    select_episodes,
+)
 from rayrm.runtime import setup_logging
 from rayrm.train.checkpoint import WEIGHTS, load_train_state, save_checkpoint
 from rayrm.train.model import ModelOutput, RewardTransformer
@@ -79,18 +84,34 @@ class DeviceEpisodes:
         )
 
 
-def load_shard(name: str, keep_ids: list[str] | None = None) -> EpisodeBatch:
-    """All rows of a dataset shard (only ``keep_ids`` if given), sorted by episode id."""
-    keep = None if keep_ids is None else pa.array(keep_ids, type=pa.string())
-    tables = []
-    for table in ray.train.get_dataset_shard(name).iter_batches(batch_format="pyarrow"):
-        if keep is not None:
-            table = table.filter(pc.is_in(table.column("episode_id"), value_set=keep))
-        tables.append(table)
-    table = pa.concat_tables(tables).sort_by("episode_id") if tables else None
-    if table is None or table.num_rows == 0:
-        raise RuntimeError(f"worker received no '{name}' episodes")
-    return episodes_from_table(table, where=f"'{name}' shard")
+def load_episodes(config: dict[str, Any], ids: list[str], what: str) -> tuple[EpisodeBatch, int]:
+    """The episodes ``ids``, read straight from the embedding folder: only their chunks'
+    row groups are fetched, so the ranks together read the training set once. Returns them
+    sorted by id, and the Parquet bytes read.
+
+    Ray Data's ``get_dataset_shard`` would stream every episode to every rank (its split is by
+    blocks, not by the deterministic, frame-balanced assignment training needs), so each rank
+    reads its own episodes with the shards' reader instead."""
+    if not ids:
+        raise RuntimeError(f"worker was assigned no '{what}' episodes")
+    reader = EpisodeReader(config["embeddings"], config["manifest"])
+    where = f"{config['embeddings']} ({what})"
+    batch = episodes_from_table(reader.read(ids, config["columns"]), where=where)
+    if batch.visual.shape[1] != config["manifest"]["visual_dim"]:
+        raise ShardError(
+            f"{where}: visual embeddings of size {batch.visual.shape[1]}, the manifest says "
+            f"visual_dim={config['manifest']['visual_dim']}"
+        )
+    return batch, reader.bytes_read
+
+
+def gather_per_rank(value: float, world: int, rank: int, device) -> list[float]:
+    """``value`` of every rank, on every rank (a barrier)."""
+    slots = torch.zeros(world, dtype=torch.float64, device=device)
+    slots[rank] = value
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(slots)
+    return slots.tolist()
 
 
 def global_input_stats(episodes: DeviceEpisodes) -> list[torch.Tensor]:
@@ -230,10 +251,9 @@ def _resume(model, optimizer, schedule) -> int:
 
 def _crash_drill(cfg: TrainConfig, step: int, rank: int, marker_dir: str) -> None:
     """``train.crash_at_step``: rank 0 dies once at that step, to prove the restart works."""
-    marker = os.path.join(marker_dir, f".crashed_at_step_{step}")
-    if cfg.crash_at_step == step and rank == 0 and not os.path.exists(marker):
-        os.makedirs(marker_dir, exist_ok=True)
-        open(marker, "w").close()
+    marker = storage.join(marker_dir, f".crashed_at_step_{step}")
+    if cfg.crash_at_step == step and rank == 0 and not storage.exists(marker):
+        storage.write_bytes(marker, b"")
         logger.warning("crash drill: rank 0 exits at step %d", step)
         os._exit(1)
 
@@ -254,6 +274,7 @@ class Worker:
     task_language: torch.Tensor
     val: DeviceEpisodes | None
     val_windows: WindowBatch | None
+    input_bytes: list[int]  # Parquet bytes of training chunks each rank read
 
     def autocast(self):
         bf16 = self.device.type == "cuda"
@@ -270,8 +291,15 @@ def build_worker(config: dict[str, Any]) -> Worker:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     tasks = config["tasks"]
-    train = DeviceEpisodes.from_batch(
-        load_shard("train", config["rank_episodes"][rank]), device, cfg.blind, tasks
+    train_batch, bytes_read = load_episodes(config, config["rank_episodes"][rank], "train")
+    train = DeviceEpisodes.from_batch(train_batch, device, cfg.blind, tasks)
+    input_bytes = gather_per_rank(bytes_read, world, rank, device)
+    logger.info(
+        "rank %d: %d training episodes, %d frames, %.1f MB read",
+        rank,
+        len(train_batch),
+        int(train_batch.offsets[-1]),
+        bytes_read / 1e6,
     )
     task_language = torch.from_numpy(np.array(config["task_language"])).to(device)
     if cfg.blind:
@@ -289,7 +317,7 @@ def build_worker(config: dict[str, Any]) -> Worker:
     optimizer, schedule = optimizer_and_schedule(model, cfg, config["total_steps"])
     val = val_windows = None
     if rank == 0:
-        val_batch = load_shard("val")
+        val_batch, _ = load_episodes(config, config["val_episodes"], "val")
         expert = np.array([s is not False for s in val_batch.success])  # targets assume success
         if model_cfg.num_stages > 0:  # stage targets exist only for annotated episodes
             first = val_batch.offsets[:-1]
@@ -315,6 +343,7 @@ def build_worker(config: dict[str, Any]) -> Worker:
         task_language,
         val,
         val_windows,
+        [int(b) for b in input_bytes],
     )
 
 
@@ -373,7 +402,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     start = _resume(worker.raw_model, worker.optimizer, worker.schedule)
     total_steps, val_every = config["total_steps"], config["val_every"]
     seq_len = config["model"].max_seq_len
-    meta = {"train": to_dict(cfg), **config["meta"]}
+    meta = {"train": to_dict(cfg), **config["meta"], "input_bytes_per_rank": worker.input_bytes}
     if start == 0 and worker.rank == 0:  # the untrained model's scores: the baseline to beat
         meta["val_at_start"] = worker.validate()
     trackers = Trackers(cfg.loggers if worker.rank == 0 else [], config["run_dir"], meta)

@@ -11,10 +11,8 @@ with the same ``train.output`` and ``train.run_name`` resumes from the latest ch
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -22,24 +20,19 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 from ray.autoscaler import sdk as autoscaler
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from rayrm.config import Config, TrainConfig
-from rayrm.data import schema
+from rayrm.data import schema, storage
 from rayrm.data.shards import (
+    EpisodeReader,
     ShardError,
     check_columns,
-    episode_dataset,
-    read_episode_index,
-    read_manifest,
-    shard_dir,
     split_episodes,
 )
-from rayrm.runtime import quiet_datasets
 from rayrm.stages import stage_priors
 from rayrm.train.loop import train_loop_per_worker
 from rayrm.train.tracking import check_trackers
@@ -93,11 +86,10 @@ def assign_episodes(ids: list[str], frames: dict[str, int], world: int) -> list[
     return [sorted(r) for r in ranks]
 
 
-def task_table(path: str) -> tuple[list[str], np.ndarray]:
+def task_table(index: pa.Table) -> tuple[list[str], np.ndarray]:
     """Distinct prompts and their language embeddings (one small vector per episode)."""
-    table = pq.read_table(shard_dir(path), columns=["prompt", "language_embedding"])
-    prompts = table.column("prompt").to_pylist()
-    vectors = table.column("language_embedding").to_pylist()
+    prompts = index.column("prompt").to_pylist()
+    vectors = index.column("language_embedding").to_pylist()
     first = {}
     for prompt, vector in zip(prompts, vectors):
         first.setdefault(prompt, vector)
@@ -105,23 +97,17 @@ def task_table(path: str) -> tuple[list[str], np.ndarray]:
     return tasks, np.array([first[t] for t in tasks], dtype=np.float32).reshape(len(tasks), -1)
 
 
-def _check_dims(path: str, manifest: dict) -> None:
-    """Every episode's visual_embedding must be num_frames x the manifest's visual_dim."""
-
-    def dims(batch: pa.Table) -> pa.Table:
-        sizes = pc.list_value_length(batch.column("visual_embedding"))
-        dim = pc.divide(
-            pc.cast(sizes, pa.float64()), pc.cast(batch.column("num_frames"), pa.float64())
-        )
-        return pa.table({"episode_id": batch.column("episode_id"), "dim": dim})
-
-    with quiet_datasets():
-        rows = episode_dataset(path).map_batches(dims, batch_format="pyarrow").take_all()
-    wrong = [r["episode_id"] for r in rows if r["dim"] != manifest["visual_dim"]]
-    if wrong:
+def _check_dims(reader: EpisodeReader, split: EpisodeSplit) -> None:
+    """The shortest training episode's visual_embedding must be num_frames x the manifest's
+    visual_dim (a cheap look before any worker starts; every rank checks its own episodes)."""
+    episode = min(split.train, key=lambda e: (split.frames[e], e))
+    table = reader.read([episode], ["episode_id", "num_frames", "visual_embedding"])
+    size = pc.list_value_length(table.column("visual_embedding"))[0].as_py()
+    dim = reader.manifest["visual_dim"]
+    if size != split.frames[episode] * dim:
         raise ShardError(
-            f"{path}: {len(wrong)} episode(s) whose visual_embedding is not num_frames x "
-            f"{manifest['visual_dim']} (the manifest's visual_dim), e.g. {wrong[:3]}"
+            f"{reader.path}: episode {episode}'s visual_embedding holds {size} values, not "
+            f"num_frames x {dim} (the manifest's visual_dim)"
         )
 
 
@@ -216,7 +202,7 @@ def _stage_split(cfg: Config, manifest: dict, split: EpisodeSplit) -> list[float
             f"{cfg.train.embeddings}: model.num_stages={k} but the shards hold "
             f"{manifest.get('num_stages', 'no')} annotated stages (run `rayrm annotate`)"
         )
-    table = pq.read_table(shard_dir(cfg.train.embeddings), columns=["episode_id", "stage"])
+    table = EpisodeReader(cfg.train.embeddings, manifest).index()
     stages = dict(zip(table.column("episode_id").to_pylist(), table.column("stage").to_pylist()))
     annotated = {e for e, labels in stages.items() if len(labels) == split.frames[e]}
     split.train = [e for e in split.train if e in annotated]
@@ -228,30 +214,31 @@ def _stage_split(cfg: Config, manifest: dict, split: EpisodeSplit) -> list[float
     return stage_priors([stages[e] for e in split.train], k, cfg.train.stage_prior).tolist()
 
 
-def _check_inputs(cfg: Config) -> tuple[dict, EpisodeSplit, list[str], np.ndarray]:
+def _check_inputs(cfg: Config) -> tuple[EpisodeReader, EpisodeSplit, list[str], np.ndarray]:
     """Everything that can be wrong with the inputs, checked before any worker starts."""
     tcfg = cfg.train
-    manifest = read_manifest(tcfg.embeddings)
-    check_columns(
-        pq.read_schema(_first_shard(tcfg.embeddings)), train_columns(cfg), tcfg.embeddings
-    )
-    split = make_split(cfg, read_episode_index(tcfg.embeddings))
+    reader = EpisodeReader(tcfg.embeddings)
+    columns = pa.schema([pa.field(c, pa.null()) for c in reader.columns()])
+    check_columns(columns, train_columns(cfg), tcfg.embeddings)
+    split = make_split(cfg, reader.index())
     if cfg.model.num_stages > 0:
-        manifest["stage_prior"] = _stage_split(cfg, manifest, split)
-    tasks, task_language = task_table(tcfg.embeddings)
+        reader.manifest["stage_prior"] = _stage_split(cfg, reader.manifest, split)
+    tasks, task_language = task_table(reader.index())
     if tcfg.mismatch_prob > 0 and len(tasks) < 2:
         raise ValueError("train.mismatch_prob > 0 needs episodes of at least 2 distinct prompts")
     check_trackers(tcfg.loggers)
     _check_resources(cfg, len(split.train))
-    _check_dims(tcfg.embeddings, manifest)  # last: the only check that reads embeddings
-    return manifest, split, tasks, task_language
+    _check_dims(reader, split)
+    return reader, split, tasks, task_language
 
 
 def run_train(cfg: Config) -> TrainResult:
     tcfg = cfg.train
-    manifest, split, tasks, task_language = _check_inputs(cfg)
+    reader, split, tasks, task_language = _check_inputs(cfg)
+    manifest = reader.manifest
     total_steps, val_every = steps_for(tcfg, split.train_frames)
-    run_dir = os.path.join(os.path.abspath(tcfg.output), tcfg.run_name)
+    storage_path = storage.absolute(tcfg.output)
+    run_dir = storage.join(storage_path, tcfg.run_name)
     logger.info(
         "training on %d episodes (%d frames), validating on %d; %d steps, batch %d, %d worker(s)",
         len(split.train),
@@ -262,17 +249,11 @@ def run_train(cfg: Config) -> TrainResult:
         tcfg.num_workers,
     )
     meta = {
-        "embeddings": os.path.abspath(tcfg.embeddings),
+        "embeddings": reader.path,
         "backbone": manifest["backbone"],
         "stage_names": manifest.get("stage_names"),
         "split": {"val_ratio": tcfg.val_ratio, "seed": tcfg.seed, "val_episodes": split.val},
     }
-    with quiet_datasets():
-        # Not split by Ray: each rank keeps the episodes assigned to it (deterministic).
-        datasets = {
-            "train": episode_dataset(tcfg.embeddings, split.train, train_columns(cfg)),
-            "val": episode_dataset(tcfg.embeddings, split.val, train_columns(cfg)),
-        }
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -281,7 +262,11 @@ def run_train(cfg: Config) -> TrainResult:
             "total_steps": total_steps,
             "val_every": val_every,
             "log_level": cfg.log_level,
+            "embeddings": reader.path,
+            "manifest": manifest,
+            "columns": train_columns(cfg),
             "rank_episodes": assign_episodes(split.train, split.frames, tcfg.num_workers),
+            "val_episodes": split.val,
             "tasks": tasks,
             "task_language": task_language,
             "run_dir": run_dir,
@@ -298,7 +283,7 @@ def run_train(cfg: Config) -> TrainResult:
         ),
         run_config=RunConfig(
             name=tcfg.run_name,
-            storage_path=os.path.abspath(tcfg.output),
+            storage_path=storage_path,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=tcfg.num_to_keep or None,
                 checkpoint_score_attribute="val_loss",
@@ -306,18 +291,9 @@ def run_train(cfg: Config) -> TrainResult:
             ),
             failure_config=FailureConfig(max_failures=tcfg.max_failures),
         ),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[]),
     )
     result = trainer.fit()
     return _write_result(run_dir, result)
-
-
-def _first_shard(path: str) -> str:
-    files = sorted(f for f in os.listdir(shard_dir(path)) if f.endswith(".parquet"))
-    if not files:
-        raise ShardError(f"{path}: no Parquet shards")
-    return os.path.join(shard_dir(path), files[0])
 
 
 def _write_result(run_dir: str, result) -> TrainResult:
@@ -326,23 +302,23 @@ def _write_result(run_dir: str, result) -> TrainResult:
         raise RuntimeError(f"training in {run_dir} produced no checkpoint")
     out = TrainResult(
         run_dir=run_dir,
-        best_checkpoint=best.path,
-        latest_checkpoint=result.checkpoint.path,
+        # Ray gives paths within the storage's file system ("bucket/key" on S3): as URLs
+        best_checkpoint=storage.as_url(run_dir, best.path),
+        latest_checkpoint=storage.as_url(run_dir, result.checkpoint.path),
         metrics=dict(result.metrics or {}),
     )
-    with open(os.path.join(run_dir, RESULT_FILE), "w") as f:
-        json.dump(vars(out), f, indent=2)
+    storage.write_json(storage.join(run_dir, RESULT_FILE), vars(out))
     logger.info("best checkpoint %s (metrics %s)", out.best_checkpoint, out.metrics)
     return out
 
 
 def find_checkpoint(train_output: str, run_name: str) -> str:
     """The best checkpoint of a finished run, for evaluate when no path is given."""
-    path = os.path.join(train_output, run_name, RESULT_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no finished training run at {os.path.dirname(path)}")
-    with open(path) as f:
-        return json.load(f)["best_checkpoint"]
+    run_dir = storage.join(storage.absolute(train_output), run_name)
+    path = storage.join(run_dir, RESULT_FILE)
+    if not storage.exists(path):
+        raise FileNotFoundError(f"no finished training run at {run_dir}")
+    return storage.read_json(path)["best_checkpoint"]
 
 
 def steps_for(cfg: TrainConfig, train_frames: int) -> tuple[int, int]:
