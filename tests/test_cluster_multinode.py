@@ -1,12 +1,22 @@
-"""Several nodes compute what one node computes: embedding and 2-worker DDP training (slow).
+"""Four nodes compute what one node computes, and the data path scales out (slow).
 
 Two layouts of ``ray.cluster_utils.Cluster``, each in its own process (a Cluster cannot share
-a process with the session's ``ray.init``), with the same rayrm config:
+a process with the session's ``ray.init``), with the same rayrm config (one embedding actor
+per GPU, 2-worker DDP training):
 
-* ``one``: a single node, 4 CPUs and 2 fake GPUs;
+* ``one``: a single node, 4 CPUs and 3 fake GPUs;
 * ``multi``: a 1-CPU head plus three nodes of 2 CPUs and 1 fake GPU. Resources force the
-  spread: the two embedding actors (1 GPU each) land on two different nodes, and the two
-  Train workers (1.5 CPUs each) on two different nodes.
+  spread: the three embedding actors (1 GPU each) land on three nodes, and the two Train
+  workers (1.5 CPUs each) on two different nodes.
+
+What the four-node run must show, and is checked:
+
+* the work spread over all actors: every actor, one on each GPU node, embedded frames
+  (the test backbone records each batch's node and process);
+* the driver received only metadata: chunk records, far fewer bytes than the embeddings, a
+  few hundred bytes per chunk whatever the embedding size;
+* each training rank read only its share: the Parquet bytes each rank read equal what
+  reading its assigned episodes alone costs, and together one copy of the training set.
 
 What must be equal, and is checked:
 
@@ -26,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
+import json
 import logging
 import os
 import shutil
@@ -33,9 +44,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 
 import numpy as np
 import pytest
+from _failing_backbone import REPO_ROOT
 from _local_ray import clean_env, processes_with_env_value
 from safetensors.numpy import load_file
 
@@ -43,17 +56,20 @@ pytestmark = pytest.mark.slow
 logger = logging.getLogger(__name__)
 
 LAYOUTS = {
-    "one": [{"num_cpus": 4, "num_gpus": 2}],
+    "one": [{"num_cpus": 4, "num_gpus": 3}],
     "multi": [{"num_cpus": 1}] + [{"num_cpus": 2, "num_gpus": 1}] * 3,
 }
+BACKBONE = "tests._failing_backbone:FailingBackbone"  # tiny's embeddings, batches recorded
 
 
 def layout_config(workdir: str):
     from conftest import make_config
 
+    options = {"record_dir": os.path.join(workdir, "records"), "delay_s": 0.05}
     return make_config(
         workdir,
-        embed=dict(num_actors=2, num_gpus_per_actor=1.0),
+        backbone=dict(name=BACKBONE, options=options),
+        embed=dict(num_actors=0, num_gpus_per_actor=1.0, batch_size=8),
         train=dict(num_workers=2, cpus_per_worker=1.5, steps=20, val_every=10),
     )
 
@@ -79,7 +95,10 @@ def run_layout(layout: str, workdir: str, reference_embeddings: str) -> None:
         cfg = layout_config(workdir)
         if not os.path.exists(cfg.synth.output):
             write_synthetic_dataset(cfg.synth)
-        run_embed(cfg)
+        os.makedirs(cfg.backbone.options["record_dir"], exist_ok=True)
+        embedded = run_embed(cfg)
+        with open(os.path.join(workdir, "embed_result.json"), "w") as f:
+            json.dump(dataclasses.asdict(embedded), f)
         runs = {"on_reference": reference_embeddings}
         if os.path.abspath(reference_embeddings) != os.path.abspath(cfg.embed.output):
             runs["own"] = cfg.embed.output
@@ -97,7 +116,10 @@ def run_layout_in_subprocess(layout: str, workdir: str, reference_embeddings: st
     try:
         done = subprocess.run(
             command,
-            env=clean_env(RAY_TMPDIR=ray_tmp, RAY_AUTH_MODE="disabled"),
+            # From the repository root: the test backbone imports in the driver and, through
+            # Ray's driver sys.path, in the actors.
+            cwd=REPO_ROOT,
+            env=clean_env(RAY_TMPDIR=ray_tmp, RAY_AUTH_MODE="disabled", PYTHONPATH=str(REPO_ROOT)),
             capture_output=True,
             text=True,
             timeout=900,
@@ -118,10 +140,50 @@ def embeddings(workdir: str) -> dict[str, np.ndarray]:
     return {e: np.asarray(v, dtype=np.float32) for e, v in zip(ids, rows)}
 
 
+def frames_by_actor(workdir: str) -> Counter:
+    """(node, pid) -> frames embedded there, from the test backbone's records."""
+    counts: Counter = Counter()
+    for path in glob.glob(os.path.join(workdir, "records", "*.txt")):
+        for line in open(path).read().splitlines():
+            node, pid, n_frames = line.split()
+            counts[(node, pid)] += int(n_frames)
+    return counts
+
+
+def check_rank_reads(workdir: str, run_name: str) -> None:
+    """Each rank read exactly its assigned episodes' chunk bytes: one copy in total."""
+    from conftest import make_config
+
+    from rayrm.data.shards import EpisodeReader
+    from rayrm.train.trainer import assign_episodes, make_split
+
+    pattern = os.path.join(workdir, "train", run_name, "checkpoint_step*20", "config.json")
+    (path,) = glob.glob(pattern)
+    read = json.load(open(path))["input_bytes_per_rank"]
+    embeddings = os.path.join(workdir, "embeddings")
+    cfg = make_config(workdir, train=dict(num_workers=2))
+    split = make_split(cfg, EpisodeReader(embeddings).index())
+    expected = []
+    for ids in assign_episodes(split.train, split.frames, 2):
+        reader = EpisodeReader(embeddings)
+        reader.read(ids)
+        expected.append(reader.bytes_read)
+    everything = EpisodeReader(embeddings)
+    everything.read(split.train)
+    assert read == expected and sum(read) == everything.bytes_read, (read, expected)
+
+
 def final_weights(workdir: str, run_name: str) -> dict[str, np.ndarray]:
     pattern = os.path.join(workdir, "train", run_name, "checkpoint_step*20", "model.safetensors")
     (path,) = glob.glob(pattern)
     return load_file(path)
+
+
+def read_chunk_count(workdir: str) -> int:
+    from rayrm.data.shards import EpisodeReader
+
+    index = EpisodeReader(os.path.join(workdir, "embeddings")).index()
+    return sum(len(files) for files in index.column("chunk_file").to_pylist())
 
 
 def max_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
@@ -145,6 +207,20 @@ def test_multi_node_matches_one_node(tmp_path):
     }
     logger.info("largest |one node - multi node|: %s", differences)
     assert len(embedded[0]) == 12
+
+    actors = frames_by_actor(multi)
+    assert len(actors) == 3 and len({node for node, _ in actors}) == 3, actors
+    result = json.load(open(os.path.join(multi, "embed_result.json")))
+    assert (
+        sum(actors.values())
+        == result["embedded_frames"]
+        == sum(len(v) // 16 for v in embedded[1].values())
+    )
+    chunks = read_chunk_count(multi)
+    embedding_bytes = sum(v.nbytes for v in embedded[1].values())
+    logger.info("driver received %d bytes for %d chunks", result["driver_bytes"], chunks)
+    assert result["driver_bytes"] <= 300 * chunks < embedding_bytes / 4
+    check_rank_reads(multi, "own")
     assert differences["embeddings"] < 1e-6, differences
     assert differences["weights, same embeddings"] == 0.0, differences
     assert differences["weights, own embeddings"] < 1e-4, differences

@@ -240,6 +240,7 @@ def run_annotate(cfg: AnnotateConfig) -> AnnotateResult:
     """Label ``cfg.embeddings`` in place with ``cfg.stages`` (paths already resolved)."""
     path = cfg.embeddings
     read_manifest(path)  # a clear error for a folder that is not (finished) embeddings
+    storage.check_writable(path, "annotate.embeddings")
     stages = load_stage_json(cfg.stages, cfg)
     index = read_episode_index(path)
     num_frames = dict(

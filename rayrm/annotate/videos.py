@@ -19,7 +19,6 @@ Run: ``rayrm annotate-video --config configs/demo.yaml [--annotate.episodes ep1,
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 import ray
 
 from rayrm.config import AnnotateConfig
+from rayrm.data import storage
 from rayrm.data.hdf5 import (
     EpisodeInfo,
     InvalidEpisodesError,
@@ -57,9 +57,12 @@ def annotate_episode(info: EpisodeInfo, cfg: AnnotateConfig) -> tuple[str, int]:
     """Ray task: one episode's numbered mp4 and contact sheet; returns (id, frames written)."""
     with open_hdf5(info.source_file) as handle:
         frames = handle[info.episode_id][cfg.camera][:]
-    video, sheet = video_paths(cfg.video_output, info.episode_id)
-    written = write_mp4(video, numbered_frames(frames, cfg.min_size), fps=cfg.fps)
-    write_png(sheet, contact_sheet(frames, cfg.contact_every, cfg.contact_columns, cfg.min_size))
+    # The encoders write local files: on a URL output they go up once written.
+    with storage.staged_output(cfg.video_output) as out:
+        video, sheet = video_paths(out, info.episode_id)
+        written = write_mp4(video, numbered_frames(frames, cfg.min_size), fps=cfg.fps)
+        sheet_image = contact_sheet(frames, cfg.contact_every, cfg.contact_columns, cfg.min_size)
+        write_png(sheet, sheet_image)
     return info.episode_id, written
 
 
@@ -79,15 +82,14 @@ def select_episodes(cfg: AnnotateConfig) -> list[EpisodeInfo]:
 
 def write_template(path: str, episodes: list[EpisodeInfo], stage_names: list[str]) -> None:
     """A stage JSON to fill in; never replaces one that exists (it may hold labels)."""
-    if os.path.exists(path):
+    if storage.exists(path):
         logger.info("kept the existing %s", path)
         return
     template = {
         "stages": stage_names or ["stage_1", "stage_2"],
         "episodes": {e.episode_id: [] for e in episodes},
     }
-    with open(path, "w") as f:
-        json.dump(template, f, indent=1)
+    storage.write_json(path, template)
 
 
 @dataclass
@@ -101,7 +103,7 @@ class AnnotateVideoResult:
 def run_annotate_video(cfg: AnnotateConfig) -> AnnotateVideoResult:
     start = time.perf_counter()
     episodes = select_episodes(cfg)
-    os.makedirs(cfg.video_output, exist_ok=True)
+    storage.check_writable(cfg.video_output, "annotate.video_output")
     logger.info("writing annotation videos of %d episodes to %s", len(episodes), cfg.video_output)
     task = ray.remote(annotate_episode).options(num_cpus=1)
     pending = [task.remote(info, cfg) for info in episodes]
@@ -113,7 +115,7 @@ def run_annotate_video(cfg: AnnotateConfig) -> AnnotateVideoResult:
         if time.perf_counter() - last_log > 10 or not pending:
             logger.info("annotation videos: %d / %d episodes", done, len(episodes))
             last_log = time.perf_counter()
-    write_template(os.path.join(cfg.video_output, TEMPLATE_NAME), episodes, cfg.stage_names)
+    write_template(storage.join(cfg.video_output, TEMPLATE_NAME), episodes, cfg.stage_names)
     result = AnnotateVideoResult(cfg.video_output, done, frames, time.perf_counter() - start)
     logger.info(
         "wrote %d videos (%d frames) and contact sheets to %s in %.1f s",

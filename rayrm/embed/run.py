@@ -9,6 +9,7 @@ last, the manifest that commits them (layout in ``rayrm.data.schema``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -271,8 +272,9 @@ def run_embed(cfg: Config) -> EmbedResult:
         written = [e for e in episodes if (e.source_file, e.episode_id) not in failed]
         _publish(cfg, run, written, ledger, failures, facts)
     except BaseException:
-        if not run.has_progress():
-            run.remove()
+        with contextlib.suppress(OSError):  # the storage may be what failed
+            if not run.has_progress():
+                run.remove()
         run.close()
         raise
     result = EmbedResult(

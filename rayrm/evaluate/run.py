@@ -385,6 +385,7 @@ def run_evaluate(
         checkpoint or ecfg.checkpoint or find_checkpoint(cfg.train.output, cfg.train.run_name)
     )
     blind_checkpoint = blind_checkpoint or ecfg.blind_checkpoint
+    storage.check_writable(ecfg.output, "evaluate.output")
     if not ecfg.input:
         read_manifest(ecfg.embeddings)
     checkpoint_config = read_checkpoint_config(checkpoint)

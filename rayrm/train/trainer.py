@@ -217,6 +217,7 @@ def _stage_split(cfg: Config, manifest: dict, split: EpisodeSplit) -> list[float
 def _check_inputs(cfg: Config) -> tuple[EpisodeReader, EpisodeSplit, list[str], np.ndarray]:
     """Everything that can be wrong with the inputs, checked before any worker starts."""
     tcfg = cfg.train
+    storage.check_writable(tcfg.output, "train.output")
     reader = EpisodeReader(tcfg.embeddings)
     columns = pa.schema([pa.field(c, pa.null()) for c in reader.columns()])
     check_columns(columns, train_columns(cfg), tcfg.embeddings)
