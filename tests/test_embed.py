@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,7 @@ from rayrm.backbones import base as backbones_base
 from rayrm.config import BackboneConfig, EmbedConfig
 from rayrm.data import schema
 from rayrm.data.hdf5 import HDF5EpisodeDatasource, InvalidEpisodesError, scan_episodes
+from rayrm.data.synthetic import write_synthetic_dataset
 from rayrm.embed import FrameEmbedder, pipeline, run_embed
 from rayrm.embed import prompts as embed_prompts
 
@@ -357,6 +359,33 @@ def test_episodes_of_different_image_sizes(ray_session, tmp_path):
             stored = np.reshape(rows[name]["visual_embedding"], expected.shape)
             np.testing.assert_allclose(stored, expected, atol=1e-5, err_msg=name)
             assert rows[name]["success"] is None and rows[name]["stage_boundaries"] == []
+
+
+def test_small_frames_and_large_embeddings_do_not_fragment(ray_session, tmp_path):
+    """16x16 frames embedded to D=4096: the output of a call is 64 times its input. The
+    actors write each call's embeddings as one chunk file and hand the driver only records:
+    at D=16 and D=4096 alike, no file holds less than a read block on average and the driver
+    receives a few hundred bytes per file (the stall this guards against: Ray Data re-cut the
+    embeddings into blocks of its target size, sized for the small input, so runs made a
+    file per frame or two and crawled at 35 frames/s). Which blocks share a call depends on
+    timing, so the file counts of two runs may differ."""
+    results = {}
+    for dim in (16, 4096):
+        cfg = make_config(
+            tmp_path / f"d{dim}",
+            synth=dict(image_size=16),
+            backbone=dict(visual_dim=dim),
+            embed=dict(batch_size=16, frames_per_block=8),
+        )
+        write_synthetic_dataset(cfg.synth)
+        result = run_embed(cfg)
+        manifest = read_manifest(cfg.embed.output)
+        files = len(manifest["chunks"])
+        assert files <= math.ceil(result.num_frames / 8), manifest["chunks"]
+        assert result.driver_bytes <= 300 * files  # records, not embeddings
+        results[dim] = result
+    assert results[16].num_frames == results[4096].num_frames
+    assert results[4096].driver_bytes < 2 * results[16].driver_bytes
 
 
 # --------------------------------------------------------------------------- output folder

@@ -95,7 +95,8 @@ def test_embed_annotate_train_evaluate_all_on_s3(tiny_run, s3_server):
     assert read_manifest(cfg.embed.output)["num_stages"] == labelled.num_stages == 4
     assert read_manifest(cfg.embed.output)["chunks"] == manifest["chunks"]  # not copied
     run_annotate_video(annotate)
-    assert s3_server.list_keys(bucket, "videos/") == [
+    # (pyarrow leaves a "videos/" folder marker behind the deleted write probe)
+    assert [k for k in s3_server.list_keys(bucket, "videos/") if not k.endswith("/")] == [
         "videos/episode_0000.mp4",
         "videos/episode_0000_contact.png",
         "videos/episode_0001.mp4",

@@ -165,9 +165,10 @@ def read_text(path: str) -> str:
 
 
 def makedirs(path: str) -> None:
-    """A folder (object stores have none: a no-op there)."""
+    """A folder (object stores have none: a no-op there, no marker object is made)."""
     fs, key = filesystem(path)
-    fs.create_dir(key, recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(key, recursive=True)
 
 
 def write_bytes(path: str, data: bytes) -> None:
@@ -240,7 +241,7 @@ def copy_folder(source: str, target: str) -> None:
     """Every file under ``source`` to the same place under ``target`` (either may be a URL)."""
     src_fs, src = filesystem(source)
     dst_fs, dst = filesystem(target)
-    dst_fs.create_dir(dst, recursive=True)
+    makedirs(target)
     pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
 
 

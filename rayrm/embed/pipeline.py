@@ -1,21 +1,22 @@
-"""The Ray Data embedding pipeline: HDF5 read tasks -> actor pool -> chunk writer tasks.
+"""The Ray Data embedding pipeline: HDF5 read tasks -> actors that embed and write.
 
 ::
 
-    HDF5EpisodeDatasource         read tasks: fixed-size frame blocks, episodes in order
-      -> map_batches(FrameEmbedder)   actor pool (one per GPU with num_actors 0); a call takes
-                                      whole blocks and runs the backbone ``batch_size`` frames
-                                      at a time; restarted by Ray when an actor dies
-      -> map_batches(write_chunks)    tasks: each block of embeddings becomes one new Parquet
-                                      chunk file (``rayrm.data.shards``); out come only the
-                                      chunks' locations, ~100 bytes each, for the driver
+    HDF5EpisodeDatasource        read tasks: fixed-size frame blocks, episodes in order
+      -> map_batches(ChunkWriter)    actor pool (one per GPU with num_actors 0); a call takes
+                                     whole blocks, runs the backbone ``batch_size`` frames at
+                                     a time and writes the call's embeddings as one new
+                                     Parquet chunk file (``rayrm.data.shards``); out come only
+                                     the chunks' records, ~150 bytes each, for the driver;
+                                     restarted by Ray when an actor dies, its call retried
 
-Why writer tasks after the actors (rather than a ``Datasink``, or the actor writing itself):
-the driver needs each chunk's location as it is written, to log progress and to know what is
-committed, which a ``Datasink`` hands over only at the end; and a write in the actor would
-hold the GPU's call while Parquet is encoded. A ``map_batches`` of write tasks is what
-``Dataset.write_datasink`` runs underneath, with the results streamed back. The tasks run on
-any node's CPUs, next to the actors that made the blocks wherever Ray Data can.
+Why the actors write (rather than a ``Datasink`` or writer tasks after them): the driver
+needs each chunk's location as it is written, to log progress and to know what is
+committed, which a ``Datasink`` hands over only at the end (its write tasks and completion
+step are the same shape: files written in the workers, one commit at the end, here the
+manifest); and writer tasks would move every embedding through the object store once more,
+cut into Ray Data's target block size (see :class:`rayrm.embed.actor.ChunkWriter`).
+``build_dataset`` (frame embeddings, no writing) serves evaluation of raw episodes.
 """
 
 from __future__ import annotations
@@ -31,8 +32,7 @@ import ray
 
 from rayrm.config import Config, EmbedConfig
 from rayrm.data.hdf5 import EpisodeInfo, HDF5EpisodeDatasource
-from rayrm.data.shards import write_chunks
-from rayrm.embed.actor import FrameEmbedder
+from rayrm.embed.actor import ChunkWriter, FrameEmbedder
 
 _BLOCKS_PER_READ_TASK = 16
 _CALLS_QUEUED_PER_ACTOR = 4
@@ -42,7 +42,6 @@ _GPU_CALLS_PER_ACTOR = 3
 _BLOCKS_AHEAD_PER_GPU_ACTOR = 32
 _BLOCKS_AHEAD_PER_CPU_ACTOR = 8
 _MIN_READ_AHEAD_BYTES = 256 << 20
-_WRITER_CPUS = 0.5  # Parquet encoding of one block: light next to a read task
 
 
 def _actor_pool(ecfg: EmbedConfig) -> ray.data.ActorPoolStrategy:
@@ -145,7 +144,9 @@ def build_dataset(cfg: Config, episodes: list[EpisodeInfo]) -> ray.data.Dataset:
         return _embedding_dataset(cfg, episodes)
 
 
-def _embedding_dataset(cfg: Config, episodes: list[EpisodeInfo]) -> ray.data.Dataset:
+def _embedding_dataset(
+    cfg: Config, episodes: list[EpisodeInfo], actor=FrameEmbedder, actor_kwargs=None
+) -> ray.data.Dataset:
     ecfg = cfg.embed
     frames = ray.data.read_datasource(
         HDF5EpisodeDatasource(episodes, ecfg.camera, ecfg.frames_per_block),
@@ -157,11 +158,12 @@ def _embedding_dataset(cfg: Config, episodes: list[EpisodeInfo]) -> ray.data.Dat
         # every time would loop forever) is the deprecated **ray_remote_args.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         return frames.map_batches(
-            FrameEmbedder,
+            actor,
             fn_constructor_kwargs={
                 "backbone_cfg": cfg.backbone,
                 "torch_threads": ecfg.torch_threads,
                 "batch_size": ecfg.batch_size,
+                **(actor_kwargs or {}),
             },
             batch_size=_frames_per_call(ecfg),
             batch_format="numpy",
@@ -179,11 +181,4 @@ def chunk_dataset(
     """The embeddings of ``episodes`` written as chunk files under ``folder``; the dataset's
     rows are the chunks' records (``rayrm.data.shards.CHUNK_RECORD_SCHEMA``)."""
     with _streaming_context(cfg.embed, episodes):
-        return _embedding_dataset(cfg, episodes).map_batches(
-            write_chunks,
-            fn_kwargs={"folder": folder, "run_id": run_id},
-            # whole blocks: one file per block the actors hand over
-            batch_size=None,
-            batch_format="numpy",
-            num_cpus=_WRITER_CPUS,
-        )
+        return _embedding_dataset(cfg, episodes, ChunkWriter, {"folder": folder, "run_id": run_id})
