@@ -60,15 +60,18 @@ LAYOUTS = {
     "multi": [{"num_cpus": 1}] + [{"num_cpus": 2, "num_gpus": 1}] * 3,
 }
 BACKBONE = "tests._failing_backbone:FailingBackbone"  # tiny's embeddings, batches recorded
+DIM = 256  # embeddings large enough that records vs embeddings is a clear difference
 
 
 def layout_config(workdir: str):
     from conftest import make_config
 
-    options = {"record_dir": os.path.join(workdir, "records"), "delay_s": 0.05}
+    # A pause per batch keeps the first actor up from taking every batch before the others
+    # have started (each imports torch on its node).
+    options = {"record_dir": os.path.join(workdir, "records"), "delay_s": 0.3}
     return make_config(
         workdir,
-        backbone=dict(name=BACKBONE, options=options),
+        backbone=dict(name=BACKBONE, options=options, visual_dim=DIM),
         embed=dict(num_actors=0, num_gpus_per_actor=1.0, batch_size=8),
         train=dict(num_workers=2, cpus_per_worker=1.5, steps=20, val_every=10),
     )
@@ -214,12 +217,12 @@ def test_multi_node_matches_one_node(tmp_path):
     assert (
         sum(actors.values())
         == result["embedded_frames"]
-        == sum(len(v) // 16 for v in embedded[1].values())
+        == sum(len(v) // DIM for v in embedded[1].values())
     )
     chunks = read_chunk_count(multi)
     embedding_bytes = sum(v.nbytes for v in embedded[1].values())
     logger.info("driver received %d bytes for %d chunks", result["driver_bytes"], chunks)
-    assert result["driver_bytes"] <= 300 * chunks < embedding_bytes / 4
+    assert result["driver_bytes"] <= 300 * chunks and result["driver_bytes"] * 10 < embedding_bytes
     check_rank_reads(multi, "own")
     assert differences["embeddings"] < 1e-6, differences
     assert differences["weights, same embeddings"] == 0.0, differences
