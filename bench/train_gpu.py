@@ -9,16 +9,17 @@ Two numbers, in windows (samples) per second, same model, batch and optimizer:
   update of the seed-size reward transformer (SEED-SPEC §5: d 512, 4 layers, 8 heads, inputs
   D 768 + 384) on windows already gathered on the device (a few random batches, rotated),
   bf16 autocast, ``torch.compile``. This is the ceiling: no data at all.
-* ``rayrm`` - ``rayrm.train.run_train`` on a local Ray with one GPU worker: Parquet shards in,
-  ``get_dataset_shard``, the per-worker episode buffer on the device, windows sampled per
-  SEED-SPEC §4 (rewind 0.8) and gathered there each step, the same compiled step, checkpoints
-  and validation. Its figure is the loop's own ``windows_per_s`` over the last validation
-  interval (steady state: compilation happens in the first); the whole run's wall time, Ray
-  start-up, compilation and validations included, is printed beside it.
+* ``rayrm`` - ``rayrm.train.run_train`` on a local Ray with one GPU worker: the embedding
+  folder read by the worker itself (its episodes' chunks), the episode buffer on the device,
+  windows sampled per SEED-SPEC §4 (rewind 0.8) and gathered there each step, the same
+  compiled step, checkpoints and validation. Its figure is the loop's own ``windows_per_s``
+  over the last validation interval (steady state: compilation happens in the first); the
+  whole run's wall time, Ray start-up, compilation and validations included, is printed
+  beside it.
 
-Episodes are random embeddings (throughput does not depend on their values), written as one
-Parquet shard with a manifest, as ``rayrm embed`` would. The last line is the ratio
-rayrm / model.
+Episodes are random embeddings (throughput does not depend on their values), written as an
+embedding folder (``write_episode_folder``: one chunk per episode, episodes table, manifest).
+The last line is the ratio rayrm / model.
 """
 
 from __future__ import annotations

@@ -180,6 +180,19 @@ def tile_chunks(records: Iterable[ChunkLocation], num_frames: int) -> list[Chunk
     return tiles if frame == num_frames else None
 
 
+def _episode_columns(infos: list[Any], language: dict[str, np.ndarray]) -> dict[str, list]:
+    """The per-episode columns both episode tables hold, from scanned ``EpisodeInfo``."""
+    return {
+        "episode_id": [i.episode_id for i in infos],
+        "source_file": [i.source_file for i in infos],
+        "num_frames": [i.num_frames for i in infos],
+        "prompt": [i.prompt for i in infos],
+        "success": [i.success for i in infos],
+        "stage_boundaries": [list(i.stage_boundaries) for i in infos],
+        "language_embedding": [np.asarray(language[i.prompt], np.float32) for i in infos],
+    }
+
+
 def episode_index_table(
     episodes: list[Any], language: dict[str, np.ndarray], chunks: dict[str, list[ChunkLocation]]
 ) -> pa.Table:
@@ -189,13 +202,7 @@ def episode_index_table(
     infos = sorted(episodes, key=lambda e: e.episode_id)
     tiles = [chunks[i.episode_id] for i in infos]
     columns = {
-        "episode_id": [i.episode_id for i in infos],
-        "source_file": [i.source_file for i in infos],
-        "num_frames": [i.num_frames for i in infos],
-        "prompt": [i.prompt for i in infos],
-        "success": [i.success for i in infos],
-        "stage_boundaries": [list(i.stage_boundaries) for i in infos],
-        "language_embedding": [np.asarray(language[i.prompt], np.float32) for i in infos],
+        **_episode_columns(infos, language),
         "chunk_file": [[c.file for c in t] for t in tiles],
         "chunk_row_group": [[c.row_group for c in t] for t in tiles],
         "chunk_start": [[c.start for c in t] for t in tiles],
@@ -210,16 +217,8 @@ def whole_episode_table(rows: list[tuple[Any, np.ndarray]], language: dict[str, 
     offsets = np.r_[0, np.cumsum([visual.size for _, visual in rows])].astype(np.int64)
     flat = [np.asarray(visual, np.float32).ravel() for _, visual in rows]
     values = np.concatenate(flat) if flat else np.zeros(0, np.float32)
-    columns = {
-        "episode_id": [i.episode_id for i in infos],
-        "source_file": [i.source_file for i in infos],
-        "num_frames": [i.num_frames for i in infos],
-        "prompt": [i.prompt for i in infos],
-        "success": [i.success for i in infos],
-        "stage_boundaries": [list(i.stage_boundaries) for i in infos],
-        "visual_embedding": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values)),
-        "language_embedding": [np.asarray(language[i.prompt], np.float32) for i in infos],
-    }
+    columns = _episode_columns(infos, language)
+    columns["visual_embedding"] = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values))
     return pa.Table.from_pydict(columns, schema=schema.EPISODE_SCHEMA)
 
 
