@@ -39,7 +39,7 @@ import ray
 
 from rayrm.data import schema, storage
 from rayrm.data.hdf5 import EpisodeInfo, EpisodeProblem
-from rayrm.data.shards import ChunkLocation, chunk_records, tile_chunks
+from rayrm.data.shards import CHUNK_RECORD_SCHEMA, ChunkLocation, chunk_records, tile_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -214,8 +214,6 @@ def _records_of(output: str, names: list[str]) -> list[pa.Table]:
 
 
 def _empty_records() -> pa.Table:
-    from rayrm.data.shards import CHUNK_RECORD_SCHEMA
-
     return CHUNK_RECORD_SCHEMA.empty_table()
 
 
