@@ -38,7 +38,7 @@ import torch
 
 from rayrm.config import Config, ModelConfig, TrainConfig
 from rayrm.data import schema
-from rayrm.data.shards import write_episode_folder
+from rayrm.data.chunks import write_episode_folder
 from rayrm.train.loop import Inputs, optimizer_and_schedule, window_loss
 from rayrm.train.model import RewardTransformer
 from rayrm.train.trainer import run_train

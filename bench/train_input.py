@@ -39,7 +39,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from rayrm.data import schema
-from rayrm.data.shards import EpisodeReader, episodes_from_table, write_episode_folder
+from rayrm.data.chunks import write_episode_folder
+from rayrm.data.shards import EpisodeReader, episodes_from_table
 from rayrm.train.loop import DeviceEpisodes, window_inputs
 from rayrm.train.trainer import assign_episodes
 from rayrm.train.windows import sample_windows

@@ -35,7 +35,7 @@ from _failing_backbone import REPO_ROOT, importable_everywhere
 
 from rayrm.config import to_dict
 from rayrm.data import schema
-from rayrm.data.shards import write_chunks
+from rayrm.data.chunks import write_chunks
 from rayrm.embed import ResumeError, run_embed
 from rayrm.embed.ledger import RunFolder
 from rayrm.embed.run import _settings

@@ -39,14 +39,9 @@ import pyarrow as pa
 
 from rayrm.config import AnnotateConfig
 from rayrm.data import schema, storage
+from rayrm.data.chunks import commit, episodes_file_name
 from rayrm.data.hdf5 import open_hdf5
-from rayrm.data.shards import (
-    EpisodeReader,
-    commit,
-    episodes_file_name,
-    read_episode_index,
-    read_manifest,
-)
+from rayrm.data.shards import EpisodeReader, read_episode_index, read_manifest
 from rayrm.stages import boundary_problem, stage_labels
 
 logger = logging.getLogger(__name__)

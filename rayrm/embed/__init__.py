@@ -37,7 +37,7 @@ a published ``<output>`` (or any other content)        error unless ``overwrite:
 =====================================================  ===================================
 
 Exactly once: the episodes table names, for every episode, chunks that tile its frames once
-(``rayrm.data.shards.tile_chunks``), chosen among everything this run committed, repeats from
+(``rayrm.data.chunks.tile_chunks``), chosen among everything this run committed, repeats from
 retried tasks included; before publishing, every episode that did not fail must have one.
 
 Bad input

@@ -17,7 +17,7 @@ import torch
 
 from rayrm.backbones import build_backbone
 from rayrm.config import BackboneConfig
-from rayrm.data.shards import write_chunks
+from rayrm.data.chunks import write_chunks
 
 
 def keep_large_allocations_on_the_heap() -> None:
@@ -104,7 +104,7 @@ class FrameEmbedder:
 
 class ChunkWriter(FrameEmbedder):
     """The embedding actor of ``rayrm embed``: embeds a call's frames, writes them as one new
-    chunk file under ``folder`` (``rayrm.data.shards.write_chunks``) and returns only the
+    chunk file under ``folder`` (``rayrm.data.chunks.write_chunks``) and returns only the
     chunks' records, so no embedding leaves the process that made it.
 
     Writing here rather than in tasks after the actors: the embeddings would otherwise cross

@@ -5,7 +5,7 @@ The chunk files are the ledger. A write task's file appears whole or not at all
 files of this run's id that exist are exactly the chunks it committed, whatever happened to
 the driver: a rerun reads their small columns back (:meth:`RunFolder.committed`) and embeds
 only the episodes they do not cover yet. :class:`ChunkLedger` keeps, per episode, the chunks
-seen so far and tells when they tile the episode (``rayrm.data.shards.tile_chunks``): a
+seen so far and tells when they tile the episode (``rayrm.data.chunks.tile_chunks``): a
 repeat from a retried task, or a piece of an episode whose later frames failed, is never
 used twice nor half.
 
@@ -38,8 +38,8 @@ import pyarrow.parquet as pq
 import ray
 
 from rayrm.data import schema, storage
+from rayrm.data.chunks import CHUNK_RECORD_SCHEMA, ChunkLocation, chunk_records, tile_chunks
 from rayrm.data.hdf5 import EpisodeInfo, EpisodeProblem
-from rayrm.data.shards import CHUNK_RECORD_SCHEMA, ChunkLocation, chunk_records, tile_chunks
 
 logger = logging.getLogger(__name__)
 

@@ -179,6 +179,6 @@ def chunk_dataset(
     cfg: Config, episodes: list[EpisodeInfo], folder: str, run_id: str
 ) -> ray.data.Dataset:
     """The embeddings of ``episodes`` written as chunk files under ``folder``; the dataset's
-    rows are the chunks' records (``rayrm.data.shards.CHUNK_RECORD_SCHEMA``)."""
+    rows are the chunks' records (``rayrm.data.chunks.CHUNK_RECORD_SCHEMA``)."""
     with _streaming_context(cfg.embed, episodes):
         return _embedding_dataset(cfg, episodes, ChunkWriter, {"folder": folder, "run_id": run_id})

@@ -20,6 +20,7 @@ import ray
 from rayrm.backbones.base import backbone_class
 from rayrm.config import Config, EmbedConfig
 from rayrm.data import schema, storage
+from rayrm.data.chunks import commit, episode_index_table, episodes_file_name
 from rayrm.data.hdf5 import (
     EpisodeInfo,
     EpisodeProblem,
@@ -30,7 +31,6 @@ from rayrm.data.hdf5 import (
     scan_episodes,
     scan_file,
 )
-from rayrm.data.shards import commit, episode_index_table, episodes_file_name
 from rayrm.embed.ledger import (
     FAILURES_FILE,
     ChunkLedger,

@@ -48,13 +48,13 @@ import ray
 
 from rayrm.config import BackboneConfig, Config, from_dict
 from rayrm.data import schema, storage
+from rayrm.data.chunks import whole_episode_table
 from rayrm.data.hdf5 import InvalidEpisodesError, list_hdf5_files, scan_episodes
 from rayrm.data.shards import (
     EpisodeReader,
     episode_dataset,
     read_episode_index,
     read_manifest,
-    whole_episode_table,
 )
 from rayrm.evaluate.curves import CurveScorer
 from rayrm.evaluate.media import MediaJob, render_all
