@@ -2,7 +2,8 @@
 
 Commands: synth, embed, annotate-video (numbered videos to label stages from), annotate (a
 stage JSON onto the shards), train, evaluate, pipeline (embed -> train -> evaluate), demo
-(synth -> embed [-> annotate] -> train -> evaluate, with a blind control). Each parses its
+(synth -> embed [-> annotate] -> train -> evaluate, with a blind control), serve (online
+rewards over HTTP and Ray Serve). Each parses its
 config, then calls one function; known input problems exit with status 2 and a message,
 nothing half-written.
 """
@@ -31,6 +32,7 @@ COMMANDS = {
     "evaluate": "reward curves, metrics, figures, videos and an HTML report for a checkpoint",
     "pipeline": "embed -> train -> evaluate",
     "demo": "synth -> embed -> train -> evaluate, with a blind control",
+    "serve": "online rewards: a checkpoint behind Ray Serve, HTTP on 127.0.0.1 (rayrm.serve)",
     "progress": "Qwen3-VL in-context progress estimates (GVL); own flags: rayrm progress -h",
 }
 USER_ERRORS = (
@@ -81,6 +83,10 @@ def _run(command: str, cfg) -> None:
         from rayrm.pipeline import run_demo
 
         run_demo(cfg)
+    elif command == "serve":
+        from rayrm.serve.app import run_serve
+
+        run_serve(cfg)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -242,6 +242,48 @@ class EvaluateConfig:
 
 
 @dataclass
+class ServeConfig:
+    """Online rewards over HTTP and Ray Serve handles (``rayrm serve``, ``rayrm.serve``)."""
+
+    checkpoint: str | None = None  # default: best checkpoint of <workdir>/train
+    app_name: str = "rayrm"
+    host: str = "127.0.0.1"  # HTTP bind address; 0.0.0.0 exposes it beyond this machine
+    port: int = 8000
+    route_prefix: str = "/"
+    replicas: int = 1  # model replicas; with max_replicas > replicas, the autoscaling minimum
+    max_replicas: int = 0  # 0: a fixed number of replicas; else autoscale up to this many
+    target_ongoing_requests: float = 32.0  # autoscaling target per replica
+    gpus_per_replica: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    cpus_per_replica: float = 1.0
+    http_replicas: int = 1  # stateless HTTP front replicas (parse, check, forward)
+    max_batch_size: int = 64  # steps of different streams fused into one model call
+    batch_wait_s: float = 0.002  # how long a batch waits to fill before it runs
+    max_ongoing_requests: int = 512  # per model replica; above max_batch_size so batches fill
+    max_streams: int = 4096  # open streams per replica; more are refused (503)
+    stream_idle_s: float = 900.0  # a stream unused this long is closed to free its memory
+    max_body_mb: float = 16.0  # larger HTTP bodies are refused (413)
+    max_frame_side: int = 2048  # frames larger than this on a side are refused (400)
+    detach: bool = False  # rayrm serve returns once deployed, leaving the app running
+
+    def validate(self) -> None:
+        if self.replicas < 1:
+            raise ConfigError(f"serve.replicas must be >= 1, got {self.replicas}")
+        if self.max_replicas and self.max_replicas < self.replicas:
+            raise ConfigError(
+                f"serve.max_replicas ({self.max_replicas}) must be 0 or >= serve.replicas "
+                f"({self.replicas})"
+            )
+        for name in ("max_batch_size", "max_ongoing_requests", "max_streams", "http_replicas"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"serve.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("batch_wait_s", "stream_idle_s", "max_body_mb", "cpus_per_replica"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"serve.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"serve.port must be in 1..65535, got {self.port}")
+
+
+@dataclass
 class RayConfig:
     address: str | None = None  # None: connect to a running cluster or start a local one
     num_cpus: int | None = None  # only for a local Ray started by rayrm
@@ -257,6 +299,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     log_level: str = "INFO"
 
@@ -367,7 +410,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: {err}") from None
     if overrides:
         _apply(cfg, _parse_override_args(overrides))
+    validate(cfg)
     return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Each section's own checks (a ``validate()`` method), run when the config is built."""
+    for section in dataclasses.fields(cfg):
+        check = getattr(getattr(cfg, section.name), "validate", None)
+        if callable(check):
+            check()
 
 
 def _beside(path: str, name: str) -> str:

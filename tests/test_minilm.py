@@ -65,3 +65,10 @@ def test_mean_pool_ignores_padding():
 def test_bad_text_model_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         MiniLMEncoder(str(tmp_path))
+
+
+def test_prompt_problem_names_prompts_the_encoder_would_truncate():
+    encoder = MiniLMEncoder()
+    assert encoder.prompt_problem("Put the cube in the pot.") is None
+    problem = encoder.prompt_problem("cube " * 300)
+    assert problem is not None and f"at most {encoder.max_length}" in problem

@@ -64,6 +64,13 @@ class Backbone(abc.ABC):
         """Prompts -> float32 [N, language_dim]; backbones without a text encoder return [N, 0]."""
         return np.zeros((len(prompts), 0), dtype=np.float32)
 
+    def prompt_problem(self, prompt: str) -> str | None:
+        """Why the text encoder cannot take ``prompt`` whole (it would be truncated), or None.
+
+        Callers that take prompts from users (``rayrm serve``) refuse such a prompt instead of
+        scoring a task the model never read to the end."""
+        return None
+
 
 def default_device() -> torch.device:
     # Choose from torch, not from Ray: a fake-GPU test cluster assigns GPUs torch can't see.

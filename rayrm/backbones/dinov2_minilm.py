@@ -41,3 +41,6 @@ class DinoV2MiniLMBackbone(Backbone):
 
     def embed_prompts(self, prompts: Sequence[str]) -> np.ndarray:
         return self.text(prompts)
+
+    def prompt_problem(self, prompt: str) -> str | None:
+        return self.text.prompt_problem(prompt)

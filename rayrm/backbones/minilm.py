@@ -63,13 +63,30 @@ class MiniLMEncoder:
         self._model = None
         self._tokenizer = None
 
-    def _load(self) -> None:
-        from transformers import AutoModel, AutoTokenizer
+    def _load_tokenizer(self) -> None:
+        from transformers import AutoTokenizer
 
-        self._tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        if self._tokenizer is None:
+            self._tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+
+    def _load(self) -> None:
+        from transformers import AutoModel
+
+        self._load_tokenizer()
         model = AutoModel.from_pretrained(self.path, local_files_only=True, dtype=torch.float32)
         self._model = model.eval().to(self.device)
         logger.info("loaded text encoder %s (dim %d)", self.path, self.dim)
+
+    def prompt_problem(self, prompt: str) -> str | None:
+        """Too many tokens for ``max_length`` (the encoder would truncate it), or None."""
+        if self.max_length is None:
+            return None
+        self._load_tokenizer()  # counting tokens needs no model
+        text = prompt.lower() if self.lower_case else prompt
+        count = len(self._tokenizer(text, truncation=False)["input_ids"])
+        if count > self.max_length:
+            return f"prompt has {count} tokens; the text encoder takes at most {self.max_length}"
+        return None
 
     @torch.inference_mode()
     def __call__(self, prompts: Sequence[str]) -> np.ndarray:

@@ -22,6 +22,7 @@ from rayrm.config import BackboneConfig
 
 INPUT_SIZE = 32
 VOCAB_SIZE = 4096
+MAX_PROMPT_WORDS = 64  # the hashed-word "text encoder" takes this many words, like a real one
 
 
 def _image_encoder(visual_dim: int) -> nn.Module:
@@ -62,7 +63,18 @@ class TinyBackbone(Backbone):
     def embed_prompts(self, prompts: Sequence[str]) -> np.ndarray:
         out = np.zeros((len(prompts), self.language_dim), dtype=np.float32)
         for i, prompt in enumerate(prompts):
-            words = re.findall(r"[a-z0-9]+", prompt.lower()) or [""]
+            words = (_words(prompt) or [""])[:MAX_PROMPT_WORDS]
             ids = torch.tensor([zlib.crc32(w.encode()) % VOCAB_SIZE for w in words])
             out[i] = self.word_table[ids].mean(0).numpy()
         return out
+
+    def prompt_problem(self, prompt: str) -> str | None:
+        count = len(_words(prompt))
+        if count > MAX_PROMPT_WORDS:
+            limit = MAX_PROMPT_WORDS
+            return f"prompt has {count} words; the tiny text encoder takes at most {limit}"
+        return None
+
+
+def _words(prompt: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", prompt.lower())

@@ -69,8 +69,7 @@ from rayrm.evaluate.report import (
     write_json,
 )
 from rayrm.runtime import quiet_datasets
-from rayrm.train.checkpoint import read_checkpoint_config
-from rayrm.train.trainer import find_checkpoint
+from rayrm.train.checkpoint import find_checkpoint, read_checkpoint_config
 
 logger = logging.getLogger(__name__)
 

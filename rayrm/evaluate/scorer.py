@@ -43,6 +43,24 @@ def window_outputs(model, visual: torch.Tensor, language: torch.Tensor | None) -
     return {"progress": model(visual, language), "stage": None, "subtask": None}
 
 
+def causal_outputs(
+    model, windows: torch.Tensor, language: torch.Tensor, count: torch.Tensor, blind: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The reward after frame ``count`` of each row: progress float32 [B] and, for SARM
+    models, the stage [B]. ``windows`` [B, L, D] are each row's frames at
+    ``sequence_positions(count, L)``; the value is read at the window slot of the last frame.
+    Shared by :class:`RewardScorer` and the served streams (``rayrm.serve``) so both give
+    the same numbers."""
+    if blind:  # the blind control sees zeros, as in training
+        windows, language = torch.zeros_like(windows), torch.zeros_like(language)
+    lang = language if model.language_dim > 0 else None
+    out = window_outputs(model, windows, lang)
+    read = torch.clamp(count - 1, max=windows.shape[1] - 1).unsqueeze(1)
+    progress = out["progress"].gather(1, read).squeeze(1).float()
+    stage = None if out["stage"] is None else out["stage"].gather(1, read).squeeze(1)
+    return progress, stage
+
+
 class RewardScorer:
     """Causal progress for a batch of environments (see the module docstring)."""
 
@@ -59,6 +77,8 @@ class RewardScorer:
         self.history = torch.zeros(0, initial_capacity, model.visual_dim, device=self.device)
         self.lengths = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.language = torch.zeros(0, model.language_dim, device=self.device)
+        # Each environment's prompt: VLM backbones (language_dim 0) read it with every frame.
+        self.prompts: list[str] = []
         self.last_stage: np.ndarray | None = None  # SARM: predicted stage at the last step
 
     @classmethod
@@ -117,6 +137,10 @@ class RewardScorer:
         ids = torch.as_tensor(list(env_ids), dtype=torch.int64, device=self.device)
         self.lengths[ids] = 0
         self.language[ids] = self._language_rows(prompts, language, len(ids))
+        if prompts is not None:
+            texts = [prompts] * len(ids) if isinstance(prompts, str) else list(prompts)
+            for env, text in zip(ids.tolist(), texts):
+                self.prompts[env] = text
 
     def _resize(self, num_envs: int) -> None:
         self.num_envs = num_envs
@@ -124,6 +148,7 @@ class RewardScorer:
         self.history = torch.zeros(num_envs, self._capacity, dim, device=self.device)
         self.lengths = torch.zeros(num_envs, dtype=torch.int64, device=self.device)
         self.language = torch.zeros(num_envs, self.model.language_dim, device=self.device)
+        self.prompts = [""] * num_envs
 
     def _language_rows(self, prompts, language, count: int) -> torch.Tensor:
         if language is not None:
@@ -144,11 +169,12 @@ class RewardScorer:
 
     # ------------------------------------------------------------------ stepping
 
-    def _embeddings(self, observations) -> torch.Tensor:
-        """Raw uint8 frames [N, H, W, 3] through the backbone, or embeddings [N, D] as given."""
+    def _embeddings(self, observations, prompts: list[str]) -> torch.Tensor:
+        """Raw uint8 frames [N, H, W, 3] through the backbone (with each environment's
+        prompt), or embeddings [N, D] as given."""
         obs = observations
         if isinstance(obs, np.ndarray) and obs.ndim == 4:
-            obs = self.backbone.embed_frames(obs, [""] * len(obs))
+            obs = self.backbone.embed_frames(obs, prompts[: len(obs)])
         # A copy: Ray hands actors read-only arrays, which torch refuses to wrap.
         obs = obs if torch.is_tensor(obs) else torch.from_numpy(np.array(obs, np.float32))
         if obs.ndim != 2 or obs.shape[1] != self.model.visual_dim:
@@ -173,7 +199,7 @@ class RewardScorer:
         ids = torch.arange(self.num_envs, device=self.device)
         if env_ids is not None:
             ids = torch.as_tensor(list(env_ids), dtype=torch.int64, device=self.device)
-        visual = self._embeddings(observations)
+        visual = self._embeddings(observations, [self.prompts[i] for i in ids.tolist()])
         if len(visual) != len(ids):
             raise ValueError(f"{len(visual)} observations for {len(ids)} environments")
         self._grow(int(self.lengths[ids].max()) + 1)
@@ -181,15 +207,11 @@ class RewardScorer:
         self.lengths[ids] += 1
         count = self.lengths[ids]
         windows = self.history[ids.unsqueeze(1), sequence_positions(count, self.seq_len)]
-        language = self.language[ids]
-        if self.blind:  # the blind control sees zeros, as in training
-            windows, language = torch.zeros_like(windows), torch.zeros_like(language)
-        lang = language if self.model.language_dim > 0 else None
-        out = window_outputs(self.model, windows, lang)
-        read = torch.clamp(count - 1, max=self.seq_len - 1).unsqueeze(1)
-        progress = out["progress"].gather(1, read).squeeze(1).float()
-        if out["stage"] is not None:
-            self.last_stage = out["stage"].gather(1, read).squeeze(1).cpu().numpy()
+        progress, stage = causal_outputs(
+            self.model, windows, self.language[ids], count, blind=self.blind
+        )
+        if stage is not None:
+            self.last_stage = stage.cpu().numpy()
         return progress.cpu().numpy()
 
 

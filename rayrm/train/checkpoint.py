@@ -29,6 +29,7 @@ from rayrm.train.model import RewardTransformer
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TRAIN_STATE = "train_state.pt"
+RESULT_FILE = "rayrm_result.json"  # written next to a run's checkpoints when it finishes
 
 
 def save_checkpoint(
@@ -58,6 +59,15 @@ def save_checkpoint(
         if scheduler is not None:
             train_state["scheduler"] = scheduler.state_dict()
         torch.save(train_state, os.path.join(path, TRAIN_STATE))
+
+
+def find_checkpoint(train_output: str, run_name: str) -> str:
+    """The best checkpoint of a finished run, for evaluate and serve when no path is given."""
+    run_dir = storage.join(storage.absolute(train_output), run_name)
+    path = storage.join(run_dir, RESULT_FILE)
+    if not storage.exists(path):
+        raise FileNotFoundError(f"no finished training run at {run_dir}")
+    return storage.read_json(path)["best_checkpoint"]
 
 
 def read_checkpoint_config(path: str) -> dict[str, Any]:

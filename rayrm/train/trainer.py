@@ -34,13 +34,12 @@ from rayrm.data.shards import (
     split_episodes,
 )
 from rayrm.stages import stage_priors
+from rayrm.train.checkpoint import RESULT_FILE
 from rayrm.train.loop import train_loop_per_worker
 from rayrm.train.tracking import check_trackers
 
 logger = logging.getLogger(__name__)
 _RESOURCE_POLL_S = 2.0  # seconds between looks at the cluster while nodes start
-
-RESULT_FILE = "rayrm_result.json"  # written next to the checkpoints when a run finishes
 
 
 @dataclass
@@ -311,15 +310,6 @@ def _write_result(run_dir: str, result) -> TrainResult:
     storage.write_json(storage.join(run_dir, RESULT_FILE), vars(out))
     logger.info("best checkpoint %s (metrics %s)", out.best_checkpoint, out.metrics)
     return out
-
-
-def find_checkpoint(train_output: str, run_name: str) -> str:
-    """The best checkpoint of a finished run, for evaluate when no path is given."""
-    run_dir = storage.join(storage.absolute(train_output), run_name)
-    path = storage.join(run_dir, RESULT_FILE)
-    if not storage.exists(path):
-        raise FileNotFoundError(f"no finished training run at {run_dir}")
-    return storage.read_json(path)["best_checkpoint"]
 
 
 def steps_for(cfg: TrainConfig, train_frames: int) -> tuple[int, int]:

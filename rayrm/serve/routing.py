@@ -1,0 +1,53 @@
+"""Stream pinning: every call on a stream goes to the replica that holds its state.
+
+A Ray Serve request router (``ray.serve.request_router.RequestRouter``, the API Serve's own
+``PowerOfTwoChoicesRequestRouter`` and the LLM prefix-cache router implement) sees each
+pending request's method and arguments before it picks a replica. Calls that name a stream
+(``step``, ``close``, ``stream_info``: the stream id is their first argument) go to the
+replica whose tag starts the id. Everything else (``open``, ``info``) goes to the less
+loaded of two random replicas, as Serve's default router does, which spreads new streams
+over the replicas.
+
+When the owning replica is gone (killed, or removed on scale-down) no replica holds the
+stream any more; the call then goes to any replica, which answers ``StreamLostError``
+because the id is not one of its own. So a lost stream is always reported and never scored
+from somebody else's history. Multiplexed model ids were the other way to pin, but Serve
+treats them as a preference and falls back to any replica, which would lose a stream's state
+silently.
+"""
+
+from __future__ import annotations
+
+import random
+
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+
+from rayrm.serve.streams import stream_owner
+
+STREAM_METHODS = ("step", "close", "stream_info")
+
+
+def requested_stream(request: PendingRequest | None) -> str | None:
+    """The stream id a pending call names, or None for calls not on one stream."""
+    if request is None or request.metadata.call_method not in STREAM_METHODS:
+        return None
+    if request.args and isinstance(request.args[0], str):
+        return request.args[0]
+    return None
+
+
+class StreamAffinityRouter(RequestRouter):
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        stream_id = requested_stream(pending_request)
+        if stream_id is not None:
+            owner = stream_owner(stream_id)
+            for replica in candidate_replicas:
+                if replica.replica_id.unique_id == owner:
+                    return [[replica]]
+        if not candidate_replicas:
+            return []
+        return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
