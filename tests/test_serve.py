@@ -110,6 +110,30 @@ def test_concurrent_steps_share_model_calls(served):
     assert calls < steps / 2, (steps, calls)  # batched across streams, not one call a step
 
 
+def test_step_many_equals_stream_by_stream_and_fails_per_stream(served):
+    url, checkpoint = served
+    episodes = [_episode(seed, 5) for seed in range(4)]
+    expected = offline(checkpoint, episodes[0], PROMPT)[0]
+    for client in (
+        RewardClient(url),
+        RewardClient(url, encoding="json"),
+        RewardClient(app_name=APP),
+    ):
+        streams = [client.open(PROMPT) for _ in episodes]
+        client.close(streams[2])
+        ids = [*streams, "nosuch.replica"]
+        for t in range(5):
+            frames = np.stack([e[t] for e in episodes] + [episodes[0][t]])
+            results = client.step_many(ids, frames)
+            assert isinstance(results[2], UnknownStreamError)
+            assert isinstance(results[4], StreamLostError)
+            assert [results[i].step for i in (0, 1, 3)] == [t + 1] * 3
+            assert results[0].reward == pytest.approx(expected[t], abs=1e-5)
+            for i in (1, 3):
+                single = offline(checkpoint, episodes[i][: t + 1], PROMPT)[0][-1]
+                assert results[i].reward == pytest.approx(single, abs=1e-5)
+
+
 def _post(url, path, body, headers=None):
     return requests.post(url + path, data=body, headers=headers or {}, timeout=30)
 

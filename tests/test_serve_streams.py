@@ -20,7 +20,7 @@ from rayrm.serve.errors import (
     UnknownStreamError,
 )
 from rayrm.serve.streams import StreamTable
-from rayrm.serve.wire import decode_observation, encode_observation
+from rayrm.serve.wire import decode_observation, decode_steps, encode_observation, encode_steps
 from rayrm.testing import random_checkpoint
 
 PROMPTS = ["put the cube in the pot", "open the drawer", "stack the red block"]
@@ -168,3 +168,17 @@ def test_wire_round_trip(encoding, dtype, shape):
 def test_wire_refuses_malformed_bodies_saying_why(body, headers, message):
     with pytest.raises(BadRequestError, match=message):
         decode_observation(body, headers)
+
+
+@pytest.mark.parametrize("encoding", ["raw", "json"])
+def test_multi_stream_steps_round_trip_and_must_match_their_streams(encoding):
+    frames = (np.arange(2 * 4 * 4 * 3) % 251).astype(np.uint8).reshape(2, 4, 4, 3)
+    body, headers = encode_steps(["a.1", "b.2"], frames, encoding)
+    headers = {k.lower(): v for k, v in headers.items()}
+    streams, decoded = decode_steps(body, headers)
+    assert streams == ["a.1", "b.2"]
+    np.testing.assert_array_equal(decoded, frames)
+    body, headers = encode_steps(["a.1", "b.2", "c.3"], np.concatenate([frames, frames[:1]]))
+    headers = {k.lower(): v for k, v in headers.items()} | {"x-streams": "a.1,b.2"}
+    with pytest.raises(BadRequestError, match="2 streams but observations of shape"):
+        decode_steps(body, headers)

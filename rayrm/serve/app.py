@@ -23,6 +23,7 @@ HTTP API (``serve.route_prefix``, default ``/``; encodings of a step in ``rayrm.
     GET    /info                       model facts: visual_dim, window, num_stages, ...
     POST   /streams                    {"prompt": "..."}  ->  {"stream": "<id>"}
     POST   /streams/<id>/step          a frame or embedding  ->  {"reward", "step", "stage"}
+    POST   /steps                      N streams' frames at once  ->  {"results": [...]}
     GET    /streams/<id>               the stream's step count and its replica's facts
     DELETE /streams/<id>               ->  {"closed": "<id>"}
 
@@ -33,6 +34,7 @@ over ``serve.max_body_mb``) or 503 (``serve.max_streams`` open).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -54,8 +56,8 @@ from rayrm.serve.errors import (
     UnknownStreamError,
 )
 from rayrm.serve.routing import StreamAffinityRouter
-from rayrm.serve.streams import StepResult, StreamTable
-from rayrm.serve.wire import decode_observation, parse_json
+from rayrm.serve.streams import StepResult, StreamTable, group_by_owner
+from rayrm.serve.wire import decode_observation, decode_steps, parse_json
 from rayrm.train.checkpoint import find_checkpoint, read_checkpoint_config
 
 logger = logging.getLogger(__name__)
@@ -92,6 +94,12 @@ class RewardModel:
     async def step(self, stream_id: str, observation) -> StepResult | ServeError:
         return await self._step_batch((stream_id, observation))
 
+    async def step_many(self, streams: list[str], observations) -> list[StepResult | ServeError]:
+        """Steps of several of this replica's streams in one call; they join the same batch
+        queue as single steps."""
+        steps = [self._step_batch((s, o)) for s, o in zip(streams, observations)]
+        return list(await asyncio.gather(*steps))
+
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
     async def _step_batch(self, requests: list[tuple]) -> list:
         return self.table.step(requests)
@@ -120,6 +128,17 @@ async def call_model(call, stream_id: str | None = None):
     return value
 
 
+async def call_many(model: DeploymentHandle, streams: list[str], observations) -> list:
+    """``step_many`` on the replica owning ``streams``; its death loses each of them."""
+    try:
+        return await model.step_many.remote(streams, observations)
+    except (RayActorError, ActorUnavailableError) as err:
+        return [
+            StreamLostError(f"stream {s} lost: its replica died ({type(err).__name__})")
+            for s in streams
+        ]
+
+
 @serve.deployment(name="RewardHTTP")
 class RewardHTTP:
     def __init__(self, model: DeploymentHandle, max_body_bytes: int):
@@ -145,12 +164,31 @@ class RewardHTTP:
             observation = decode_observation(await self._body(request), request.headers)
             call = self.model.step.remote(parts[1], observation)
             return dataclasses.asdict(await call_model(call, parts[1]))
+        if method == "POST" and parts == ["steps"]:
+            streams, observations = decode_steps(await self._body(request), request.headers)
+            return {"results": await self._step_many(streams, observations)}
         if len(parts) == 2 and parts[0] == "streams" and method == "GET":
             return await call_model(self.model.stream_info.remote(parts[1]), parts[1])
         if len(parts) == 2 and parts[0] == "streams" and method == "DELETE":
             await call_model(self.model.close.remote(parts[1]), parts[1])
             return {"closed": parts[1]}
         raise UnknownStreamError(f"no route {method} /{'/'.join(parts)}")
+
+    async def _step_many(self, streams: list[str], observations) -> list[dict]:
+        """One handle call per owning replica, one after the other: Serve gives the handle
+        calls made while serving one request that request's id, and in Ray 2.60 two of them
+        in flight at once stall in its router (seen: 60 s, then cancelled). A stream's refusal
+        is its entry, ``{"error", "status"}``, and the others still get rewards."""
+        out: list[dict] = [{}] * len(streams)
+        for rows in group_by_owner(streams).values():
+            results = await call_many(self.model, [streams[i] for i in rows], observations[rows])
+            for i, result in zip(rows, results):
+                out[i] = (
+                    {"error": result.message, "status": result.status}
+                    if isinstance(result, ServeError)
+                    else dataclasses.asdict(result)
+                )
+        return out
 
     async def _body(self, request: Request) -> bytes:
         """The body, refused with 413 as soon as it passes the limit (never read whole)."""

@@ -7,6 +7,7 @@
     stream = client.open("Put the cube in the pot.") # one per environment episode
     reward = client.step(stream, frame).reward       # uint8 [H, W, 3], or an embedding [D]
     client.close(stream)
+    results = client.step_many(streams, frames)      # a vectorised env: [N, H, W, 3], one call
 
 Both paths raise the same errors (``rayrm.serve.errors``): ``StreamLostError`` when the
 stream's replica is gone (open a new stream), ``BadRequestError`` for bad input, and so on.
@@ -23,8 +24,8 @@ import requests
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from rayrm.serve.errors import ERRORS_BY_STATUS, ServeError, StreamLostError
-from rayrm.serve.streams import StepResult
-from rayrm.serve.wire import encode_observation
+from rayrm.serve.streams import StepResult, group_by_owner
+from rayrm.serve.wire import encode_observation, encode_steps
 
 
 class RewardClient:
@@ -62,6 +63,40 @@ class RewardClient:
             return self._answer(stream, self._handle.step.remote(stream, observation))
         body, headers = encode_observation(observation, self.encoding)
         return StepResult(**self._http("POST", f"/streams/{stream}/step", body, headers))
+
+    def step_many(
+        self, streams: list[str], observations: np.ndarray
+    ) -> list[StepResult | ServeError]:
+        """One step of each stream (row i of ``observations`` for ``streams[i]``), in one HTTP
+        request: the way for a vectorised environment. Each item is the stream's result, or
+        the error it met (e.g. a ``StreamLostError``: reopen that stream); the others go on."""
+        if self._handle is not None:
+            return self._step_many_handle(list(streams), np.asarray(observations))
+        body, headers = encode_steps(list(streams), np.asarray(observations), self.encoding)
+        results = self._http("POST", "/steps", body, headers)["results"]
+        return [
+            ERRORS_BY_STATUS.get(r["status"], ServeError)(r["error"])
+            if "error" in r
+            else StepResult(**r)
+            for r in results
+        ]
+
+    def _step_many_handle(self, streams: list[str], observations: np.ndarray) -> list:
+        """One ``step_many`` call per owning replica, all in flight at once."""
+        groups = list(group_by_owner(streams).values())
+        calls = [
+            self._handle.step_many.remote([streams[i] for i in rows], observations[rows])
+            for rows in groups
+        ]
+        out: list = [None] * len(streams)
+        for rows, call in zip(groups, calls):
+            try:
+                results = self._answer(streams[rows[0]], call)
+            except StreamLostError as err:
+                results = [err] * len(rows)
+            for i, result in zip(rows, results):
+                out[i] = result
+        return out
 
     def stream_info(self, stream: str) -> dict:
         """The stream's step count, and the facts of the replica holding it."""

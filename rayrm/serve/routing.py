@@ -3,10 +3,10 @@
 A Ray Serve request router (``ray.serve.request_router.RequestRouter``, the API Serve's own
 ``PowerOfTwoChoicesRequestRouter`` and the LLM prefix-cache router implement) sees each
 pending request's method and arguments before it picks a replica. Calls that name a stream
-(``step``, ``close``, ``stream_info``: the stream id is their first argument) go to the
-replica whose tag starts the id. Everything else (``open``, ``info``) goes to the less
-loaded of two random replicas, as Serve's default router does, which spreads new streams
-over the replicas.
+(``step``, ``close``, ``stream_info``: the stream id is their first argument; ``step_many``:
+a list of streams of one owner) go to the replica whose tag starts the id. Everything else
+(``open``, ``info``) goes to the less loaded of two random replicas, as Serve's default
+router does, which spreads new streams over the replicas.
 
 When the owning replica is gone (killed, or removed on scale-down) no replica holds the
 stream any more; the call then goes to any replica, which answers ``StreamLostError``
@@ -24,16 +24,18 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 
 from rayrm.serve.streams import stream_owner
 
-STREAM_METHODS = ("step", "close", "stream_info")
+STREAM_METHODS = ("step", "step_many", "close", "stream_info")
 
 
 def requested_stream(request: PendingRequest | None) -> str | None:
-    """The stream id a pending call names, or None for calls not on one stream."""
+    """The stream id a pending call names (``step_many``: the first of its streams, which
+    all share one owner), or None for calls not on a stream."""
     if request is None or request.metadata.call_method not in STREAM_METHODS:
         return None
-    if request.args and isinstance(request.args[0], str):
-        return request.args[0]
-    return None
+    first = request.args[0] if request.args else None
+    if isinstance(first, list) and first:
+        first = first[0]
+    return first if isinstance(first, str) else None
 
 
 class StreamAffinityRouter(RequestRouter):

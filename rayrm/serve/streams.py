@@ -51,6 +51,14 @@ def stream_owner(stream_id: str) -> str:
     return stream_id.split(".", 1)[0]
 
 
+def group_by_owner(streams: list[str]) -> dict[str, list[int]]:
+    """Positions of ``streams`` per owning replica tag, in order: one call per replica."""
+    groups: dict[str, list[int]] = {}
+    for i, stream in enumerate(streams):
+        groups.setdefault(stream_owner(stream), []).append(i)
+    return groups
+
+
 @dataclasses.dataclass
 class Stream:
     prompt: str

@@ -11,6 +11,10 @@ Two encodings of a step's body (``POST /streams/<id>/step``):
 
 A frame is RGB uint8 [H, W, 3]; an embedding is float [D] with D the checkpoint's visual
 dim (``GET /info``). Anything else is refused with 400 and says what arrived.
+
+Many streams in one request (``POST /steps``, a vectorised environment stepping all its
+copies at once): the same encodings of the stacked array [N, H, W, 3] or [N, D], with the
+N stream ids in header ``X-Streams: id1,id2,...`` (raw) or in ``"streams": [...]`` (JSON).
 """
 
 from __future__ import annotations
@@ -46,11 +50,48 @@ def encode_observation(observation: np.ndarray, encoding: str = "raw") -> tuple[
     raise ValueError(f"unknown encoding {encoding!r}: raw or json")
 
 
+def encode_steps(streams: list[str], observations: np.ndarray, encoding: str = "raw"):
+    """(body, headers) of one ``POST /steps``: row i of ``observations`` for ``streams[i]``."""
+    if len(streams) != len(observations):
+        raise ValueError(f"{len(observations)} observations for {len(streams)} streams")
+    body, headers = encode_observation(observations, encoding)
+    if encoding == "raw":
+        return body, {**headers, "X-Streams": ",".join(streams)}
+    document = json.loads(body)
+    document["streams"] = list(streams)
+    return json.dumps(document).encode(), headers
+
+
+def decode_steps(body: bytes, headers) -> tuple[list[str], np.ndarray]:
+    """The stream ids and the stacked observations of one ``POST /steps``."""
+    if _is_raw(headers):
+        streams = [s for s in headers.get("x-streams", "").split(",") if s]
+        observations = decode_observation(body, headers)
+    else:
+        document = parse_json(body)
+        streams = document.get("streams")
+        observations = _json_observation(document)
+    if not isinstance(streams, list) or not all(isinstance(s, str) for s in streams):
+        raise BadRequestError("a multi-stream step names its streams (X-Streams or 'streams')")
+    if observations.ndim < 1 or len(observations) != len(streams):
+        raise BadRequestError(
+            f"{len(streams)} streams but observations of shape {list(observations.shape)}"
+        )
+    return streams, observations
+
+
+def _is_raw(headers) -> bool:
+    return headers.get("content-type", "").split(";")[0].strip() == RAW
+
+
 def decode_observation(body: bytes, headers) -> np.ndarray:
     """The array a step's request carries; :class:`BadRequestError` naming what is wrong."""
-    if headers.get("content-type", "").split(";")[0].strip() == RAW:
+    if _is_raw(headers):
         return _array(body, headers.get("x-shape"), headers.get("x-dtype", "uint8"), "header")
-    document = parse_json(body)
+    return _json_observation(parse_json(body))
+
+
+def _json_observation(document: dict) -> np.ndarray:
     if "embedding" in document:
         try:
             return np.asarray(document["embedding"], dtype=np.float32)
