@@ -11,6 +11,9 @@ exactly M steps, no retries) and close it. Reported per N: steps/s over the wall
 the whole run, p50 and p99 latency of one step, errors (any exception or non-200; must be
 0), and the mean batch the replicas formed (steps / model calls, from ``GET /streams/<id>``).
 
+The same N streams are then stepped by one vectorised client (``RewardClient.step_many``,
+one ``POST /steps`` of N frames per step), the way a vectorised simulator calls it.
+
 The baseline is the in-process :class:`RewardScorer` stepping the same N environments in one
 batch ([N, H, W, 3] frames per call, M calls), same checkpoint, same backbone, same threads.
 The ratio served / in-process is printed last: what HTTP, Serve's routing and the batching
@@ -75,6 +78,29 @@ def run_clients(url: str, clients: int, steps: int, frames: np.ndarray, encoding
     }
 
 
+def run_vectorised(url: str, clients: int, steps: int, frames: np.ndarray, encoding: str) -> dict:
+    """One process stepping N streams together: M ``step_many`` calls of N frames each."""
+    client = RewardClient(url, encoding=encoding)
+    streams = [client.open(PROMPT) for _ in range(clients)]
+    latencies, errors = [], 0
+    start = time.perf_counter()
+    for t in range(steps):
+        batch = np.stack([frames[(i + t) % len(frames)] for i in range(clients)])
+        began = time.perf_counter()
+        results = client.step_many(streams, batch)
+        latencies.append(time.perf_counter() - began)
+        errors += sum(not hasattr(r, "reward") for r in results)
+    wall = time.perf_counter() - start
+    for stream in streams:
+        client.close(stream)
+    return {
+        "steps_per_s": clients * steps / wall,
+        "p50_ms": 1000 * float(np.percentile(latencies, 50)),
+        "p99_ms": 1000 * float(np.percentile(latencies, 99)),
+        "errors": errors,
+    }
+
+
 def mean_batch(url: str, replica_stream: str, before: dict) -> float:
     after = RewardClient(url).stream_info(replica_stream)
     calls = after["model_calls"] - before["model_calls"]
@@ -127,6 +153,7 @@ def main() -> None:
         served = run_clients(url, n, args.steps, frames, args.encoding)
         served["mean_batch"] = mean_batch(url, probe, before)  # the probe replica's batches
         served["in_process"] = in_process(checkpoint, n, args.steps, frames)
+        served["vectorised"] = run_vectorised(url, n, args.steps, frames, args.encoding)
         rows.append((n, served))
         logger.info("N=%d: %s", n, served)
     print(
@@ -140,8 +167,22 @@ def main() -> None:
             f"| {n} | {r['steps_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
             f"{r['errors']} | {r['mean_batch']:.1f} | {r['in_process']:.0f} |"
         )
+    print("\nOne vectorised client stepping N streams per call (POST /steps):\n")
+    print("| streams | steps/s | p50 ms per call | p99 ms per call | errors |")
+    print("|---|---|---|---|---|")
     for n, r in rows:
-        print(f"ratio served / in-process, N={n}: {r['steps_per_s'] / r['in_process']:.3f}")
+        v = r["vectorised"]
+        print(
+            f"| {n} | {v['steps_per_s']:.0f} | {v['p50_ms']:.1f} | {v['p99_ms']:.1f} | "
+            f"{v['errors']} |"
+        )
+    print()
+    for n, r in rows:
+        vectorised = r["vectorised"]["steps_per_s"] / r["in_process"]
+        print(
+            f"ratio served / in-process, N={n}: {r['steps_per_s'] / r['in_process']:.3f} "
+            f"(N clients), {vectorised:.3f} (one vectorised client)"
+        )
     ray.shutdown()
 
 
