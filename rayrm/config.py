@@ -109,11 +109,19 @@ class BackboneConfig:
 
 @dataclass
 class EmbedConfig:
-    """Ray Data embedding: HDF5 episodes in, Parquet episode shards out (``rayrm.embed``)."""
+    """Ray Data embedding: HDF5 episodes or a LeRobot v3 dataset in, Parquet episode shards
+    out (``rayrm.embed``)."""
 
-    input: str | None = None  # HDF5 file, folder of .h5/.hdf5 files, or glob; path or URL
+    # HDF5 file, folder of .h5/.hdf5 files, or glob; or a LeRobot v3 dataset root (a folder
+    # with meta/info.json); path or URL
+    input: str | None = None
     output: str | None = None  # folder; default <workdir>/embeddings
-    camera: str = "side_cam"
+    camera: str = "side_cam"  # HDF5 dataset, or LeRobot v3 video key (observation.images.top)
+    # LeRobot v3 only: several video keys, each camera's view an episode of its own
+    # (episode_000007:<key>); empty = `camera` alone
+    cameras: list[str] = field(default_factory=list)
+    # LeRobot v3 only: a bool column of meta/episodes/ holding each episode's success
+    success_column: str | None = None
     prompt: str | None = None  # overrides per-episode / per-file prompt attributes
     batch_size: int = 64  # frames per backbone call
     frames_per_block: int = 64  # frames per Ray Data block read from HDF5
