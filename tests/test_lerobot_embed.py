@@ -95,3 +95,26 @@ def test_an_unknown_camera_exits_2_naming_the_keys_and_writes_nothing(
         caplog.text
     )
     assert os.listdir(tmp_path) == []
+
+
+def test_a_dataset_on_s3_embeds_as_the_local_one(ray_session, s3_server, dataset, tmp_path):
+    """Writer, scan, probe and decode all go through rayrm.data.storage: the same dataset
+    written to the moto S3 server embeds to the same rows as the local copy."""
+    bucket = s3_server.create_bucket("lerobot-in")
+    root = write_dataset(f"{bucket}/ds")
+    keys = s3_server.list_keys("lerobot-in", "ds/")
+    assert (
+        "ds/meta/info.json" in keys
+        and "ds/videos/observation.images.top/chunk-000/file-002.mp4" in keys
+    )
+    remote = _config(tmp_path / "remote", root, output=f"{bucket}/emb")
+    local = _config(tmp_path / "local", dataset)
+    run_embed(remote)
+    run_embed(local)
+    remote_rows, local_rows = read_rows(remote.embed.output), read_rows(local.embed.output)
+    assert sorted(remote_rows) == sorted(local_rows)
+    for episode, row in remote_rows.items():
+        assert row["source_file"].startswith(f"{bucket}/ds/videos/")
+        np.testing.assert_allclose(
+            row["visual_embedding"], local_rows[episode]["visual_embedding"], atol=1e-6
+        )
