@@ -78,9 +78,14 @@ def _plain(value: Any) -> Any:
 
 @dataclass
 class SynthConfig:
-    """Synthetic episodes in the seed's raw HDF5 layout (see ``rayrm.data.synthetic``)."""
+    """Synthetic episodes in the seed's raw HDF5 layout or as a LeRobot v3 dataset (see
+    ``rayrm.data.synthetic``)."""
 
-    output: str | None = None  # HDF5 file; default <workdir>/raw/episodes.h5
+    # "hdf5" (the seed's layout) or "lerobot" (a LeRobot v3 dataset folder, mp4 videos)
+    format: str = "hdf5"
+    # HDF5 file, or LeRobot dataset folder; default <workdir>/raw/episodes.h5 or raw/lerobot
+    output: str | None = None
+    fps: int = 10  # LeRobot only: frames per second of the videos
     num_episodes: int = 80
     failure_fraction: float = 0.3  # share of episodes that fail (stall, drop, move back)
     image_size: int = 64  # square side_cam / wrist_cam frames
@@ -389,7 +394,8 @@ def resolve_paths(cfg: Config) -> Config:
     """Fill empty stage paths from ``workdir`` so the stages find each other's outputs."""
     out = dataclasses.replace(cfg)
     work = cfg.workdir.rstrip("/")
-    out.synth = dataclasses.replace(cfg.synth, output=cfg.synth.output or f"{work}/raw/episodes.h5")
+    default_raw = "raw/lerobot" if cfg.synth.format == "lerobot" else "raw/episodes.h5"
+    out.synth = dataclasses.replace(cfg.synth, output=cfg.synth.output or f"{work}/{default_raw}")
     out.embed = dataclasses.replace(
         cfg.embed,
         input=cfg.embed.input or out.synth.output,

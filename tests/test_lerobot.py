@@ -259,3 +259,54 @@ def test_a_decode_failure_drops_that_episode_and_read_error_names_it(dataset):
     reason = read_error(broken)
     assert reason and "video ends after 7 of the episode's 10 frames" in reason
     assert read_error(episodes[1]) is None
+
+
+# --------------------------------------------------------------------------- rayrm synth
+
+
+def test_synth_writes_the_same_episodes_as_a_lerobot_dataset(tmp_path):
+    import h5py
+
+    from rayrm.config import SynthConfig, load_config, resolve_paths
+    from rayrm.data.synthetic import (
+        LEROBOT_CAMERAS,
+        write_synthetic_dataset,
+        write_synthetic_lerobot,
+    )
+
+    cfg = SynthConfig(
+        num_episodes=4, image_size=16, min_stage_frames=2, max_stage_frames=3, seed=5,
+        tasks=["red", "green"], format="lerobot",
+    )  # fmt: skip
+    root = str(tmp_path / "lerobot")
+    stages = write_synthetic_lerobot(cfg, root)
+    h5 = write_synthetic_dataset(cfg, tmp_path / "same.h5")
+    side = LEROBOT_CAMERAS["side_cam"]
+    episodes, problems = scan_lerobot(root, [side], success_column="success")
+    assert problems == [] and len(episodes) == 4
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []  # no temporary left
+    with h5py.File(h5) as f:
+        groups = [f[name] for name in sorted(f)]
+        for info, group in zip(episodes, groups):
+            assert info.num_frames == len(group["side_cam"])
+            assert info.prompt == group.attrs["prompt"]
+            assert info.success == bool(group.attrs["success"])
+            if info.success:
+                assert stages[info.episode_id] == list(group.attrs["stage_boundaries"])
+        # h264 of noisy 16x16 frames is lossy: near (measured 6.5), where the next episode is
+        # 22 away and the frame one step later 16
+        frames = np.concatenate([b["frame"] for b in read_packed_blocks(episodes[:1], 64)])
+        assert np.abs(frames.astype(int) - groups[0]["side_cam"][()].astype(int)).mean() < 10
+    demo = resolve_paths(load_config("configs/demo_lerobot.yaml"))
+    assert demo.synth.output.endswith("raw/lerobot") and demo.embed.input == demo.synth.output
+    assert demo.embed.camera == side
+
+
+def test_synth_lerobot_needs_an_even_image_size():
+    from rayrm.config import SynthConfig
+    from rayrm.data.synthetic import validate_config
+
+    with pytest.raises(ValueError, match="image_size must be even for lerobot"):
+        validate_config(SynthConfig(image_size=17, format="lerobot"))
+    with pytest.raises(ValueError, match="synth.format must be one of"):
+        validate_config(SynthConfig(format="zarr"))
