@@ -5,6 +5,7 @@ goes to the failures table while the other episodes are published."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -12,6 +13,7 @@ import shutil
 import numpy as np
 import pytest
 from _embed_checks import leftovers, read_failures, read_rows
+from _eval_helpers import make_checkpoint
 from _lerobot import LENGTHS, TASKS, TOP, WRIST, decoded_episode, video_path, write_dataset
 from conftest import make_config
 
@@ -20,6 +22,8 @@ from rayrm.cli import main
 from rayrm.data import schema
 from rayrm.data.shards import read_manifest
 from rayrm.embed import InvalidEpisodesError, run_embed
+from rayrm.evaluate.run import score_episodes
+from rayrm.evaluate.scorer import RewardScorer
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +35,15 @@ def _config(workdir, root: str, **embed):
     return make_config(workdir, embed={"input": root, "camera": TOP, **embed})
 
 
-def test_embed_reads_each_episode_from_its_place_in_the_video(ray_session, dataset, tmp_path):
-    cfg = _config(tmp_path, dataset, success_column="success")
-    result = run_embed(cfg)
+@pytest.fixture(scope="module")
+def embedded(ray_session, dataset, tmp_path_factory):
+    """The dataset's top camera embedded once: (config, result)."""
+    cfg = _config(tmp_path_factory.mktemp("embedded"), dataset, success_column="success")
+    return cfg, run_embed(cfg)
+
+
+def test_embed_reads_each_episode_from_its_place_in_the_video(embedded, dataset):
+    cfg, result = embedded
     assert result.num_episodes == 6 and result.num_frames == sum(LENGTHS)
     rows = read_rows(cfg.embed.output)
     assert sorted(rows) == [f"episode_{i:06d}" for i in range(6)]
@@ -118,3 +128,24 @@ def test_a_dataset_on_s3_embeds_as_the_local_one(ray_session, s3_server, dataset
         np.testing.assert_allclose(
             row["visual_embedding"], local_rows[episode]["visual_embedding"], atol=1e-6
         )
+
+
+def test_evaluate_reads_a_lerobot_root_as_raw_input(embedded, dataset, tmp_path):
+    """evaluate.input = the LeRobot root gives the curves of its embeddings; the causal curve
+    is RewardScorer fed PyAV's own decode frame by frame."""
+    cfg, _ = embedded
+    model = make_checkpoint(cfg, tmp_path / "ckpt")
+    ids = [f"episode_{i:06d}" for i in (1, 4)]
+    from_shards = score_episodes(cfg, model, ids)
+    raw = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, input=dataset))
+    from_video = score_episodes(raw, model, ids)
+    assert from_video["episode_id"] == from_shards["episode_id"]
+    for a, b in zip(from_video["prefix"], from_shards["prefix"]):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    scorer = RewardScorer.from_checkpoint(model)
+    for i in (1, 4):
+        row = from_video["episode_id"].index(f"episode_{i:06d}")
+        scorer.reset([TASKS[i % 3]])
+        frames = decoded_episode(dataset, TOP, i)
+        values = [scorer.step(frame[None])[0] for frame in frames]
+        np.testing.assert_allclose(values, from_video["causal"][row], atol=1e-4)

@@ -1,9 +1,9 @@
 """Which reader an input needs: HDF5 episode files, or a LeRobot v3 dataset root.
 
-The embedding pipeline and its driver ask here, so they handle both the same way: the
-scanned episodes (``EpisodeInfo``; LeRobot's carry where their frames are in the video), a
-Ray Data source yielding the same block columns for either, and the reason an episode's
-frames could not be read.
+The embedding pipeline, its driver and evaluation of raw input ask here, so they handle
+both the same way: the scanned episodes (``EpisodeInfo``; LeRobot's carry where their
+frames are in the video), a Ray Data source yielding the same block columns for either,
+and the reason an episode's frames could not be read.
 """
 
 from __future__ import annotations
@@ -12,6 +12,17 @@ from ray.data import Datasource
 
 from rayrm.data import hdf5, lerobot
 from rayrm.data.hdf5 import EpisodeInfo
+
+
+def scan_raw_input(
+    spec: str, camera: str, prompt: str | None, success_column: str | None = None
+) -> tuple[list[EpisodeInfo], list[hdf5.EpisodeProblem]]:
+    """The episodes of raw input read in one process (evaluation of raw episodes): HDF5
+    files, or one camera of a LeRobot v3 root with its success column (``rayrm embed`` scans
+    in Ray tasks itself)."""
+    if lerobot.is_lerobot_root(spec):
+        return lerobot.scan_lerobot(spec, [camera], prompt, success_column)
+    return hdf5.scan_episodes(hdf5.list_hdf5_files(spec), camera, prompt)
 
 
 def is_lerobot(episodes: list[EpisodeInfo]) -> bool:
