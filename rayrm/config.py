@@ -255,6 +255,24 @@ class EvaluateConfig:
 
 
 @dataclass
+class ScoreConfig:
+    """Per-frame rewards of a whole dataset in one Parquet file (``rayrm score``)."""
+
+    checkpoint: str | None = None  # default: best checkpoint of <workdir>/train
+    # Raw episodes (HDF5, or a LeRobot v3 root: its index / episode_index are used) embedded
+    # on the fly; empty = the embeddings (``embeddings``)
+    input: str | None = None
+    embeddings: str | None = None  # default embed.output
+    # Scoring the embeddings of a LeRobot v3 dataset: its root, for index / episode_index
+    dataset: str | None = None
+    output: str | None = None  # Parquet file; default <workdir>/score/rewards.parquet
+    rabc_chunk: int = 0  # > 0: RA-BC weights, progress delta over this many frames
+    rabc_kappa: float = 0.01  # RA-BC hard threshold (LeRobot's default)
+    batch_size: int = 256  # prefixes per forward pass
+    overwrite: bool = False
+
+
+@dataclass
 class RayConfig:
     address: str | None = None  # None: connect to a running cluster or start a local one
     num_cpus: int | None = None  # only for a local Ray started by rayrm
@@ -270,6 +288,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     log_level: str = "INFO"
 
@@ -410,6 +429,11 @@ def resolve_paths(cfg: Config) -> Config:
         cfg.evaluate,
         embeddings=cfg.evaluate.embeddings or out.embed.output,
         output=cfg.evaluate.output or f"{work}/eval",
+    )
+    out.score = dataclasses.replace(
+        cfg.score,
+        embeddings=cfg.score.embeddings or out.embed.output,
+        output=cfg.score.output or f"{work}/score/rewards.parquet",
     )
     out.annotate = dataclasses.replace(
         cfg.annotate,

@@ -59,6 +59,36 @@ column                                type         meaning
 rayrm names a LeRobot episode ``episode_<episode_index, 6 digits>``; with several cameras
 (``embed.cameras``) each camera's view is an episode of its own, ``episode_000007:<key>``.
 
+Per-frame rewards (output of ``rayrm score``)
+---------------------------------------------
+One Parquet file, one row per frame of every scored episode, sorted by ``index``, written
+whole or not at all. The first four columns are the ones LeRobot's SARM writes
+(``src/lerobot/rewards/sarm/compute_rabc_weights.py``) and its ``RABCWeights`` reads
+(``progress_path``, ``head_mode: sparse``), so the file can be handed to LeRobot's RA-BC
+training as it is (:data:`SCORE_SCHEMA`):
+
+=======================  ===========  ===================================================
+column                   type         meaning
+=======================  ===========  ===================================================
+``index``                int64        global frame index: LeRobot's ``dataset_from_index
+                                      + frame_index``; HDF5 input: frames counted over the
+                                      episodes in id order
+``episode_index``        int64        LeRobot's episode_index; HDF5: position in id order
+``frame_index``          int64        t in 0..T-1
+``progress_sparse``      float32      the causal reward at t: what ``RewardScorer`` gives an
+                                      RL loop after frames 0..t
+``episode_id``           string       rayrm's episode id
+``prefix``               float32      the plain prefix value (``rayrm evaluate``'s prefix
+                                      curve); equals the causal reward to float precision
+``stage``                int32        SARM models: the predicted stage at t (null otherwise)
+``rabc_delta``           float32      with ``score.rabc_chunk``: progress[t+N] - progress[t]
+``rabc_weight``          float32      with ``score.rabc_chunk``: the RA-BC weight (SARM Eq.
+                                      8-9, ``rayrm.score.rabc``); null without
+=======================  ===========  ===================================================
+
+The file's metadata holds ``reward_model_path`` (the checkpoint, the key LeRobot reads) and
+``rayrm.score`` (JSON: checkpoint, dataset, rayrm version, the score config).
+
 Embedding shards (output of ``rayrm embed``, input of annotate, train and evaluate)
 -----------------------------------------------------------------------------------
 A folder (local path or URL) whose ``manifest.json`` is the commit record: it is written
@@ -221,3 +251,19 @@ STAGE_FIELDS = [
     pa.field("subtask_progress", pa.list_(pa.float32()), nullable=False),
 ]
 STAGE_COLUMNS = [f.name for f in STAGE_FIELDS]
+
+SCORE_SCHEMA = pa.schema(
+    [
+        pa.field("index", pa.int64(), nullable=False),
+        pa.field("episode_index", pa.int64(), nullable=False),
+        pa.field("frame_index", pa.int64(), nullable=False),
+        pa.field("progress_sparse", pa.float32(), nullable=False),
+        pa.field("episode_id", pa.string(), nullable=False),
+        pa.field("prefix", pa.float32(), nullable=False),
+        pa.field("stage", pa.int32(), nullable=True),
+        pa.field("rabc_delta", pa.float32(), nullable=True),
+        pa.field("rabc_weight", pa.float32(), nullable=True),
+    ]
+)
+SCORE_METADATA_KEY = "rayrm.score"
+LEROBOT_REWARD_MODEL_KEY = "reward_model_path"  # what LeRobot's SARM reads back
