@@ -310,3 +310,23 @@ def test_synth_lerobot_needs_an_even_image_size():
         validate_config(SynthConfig(image_size=17, format="lerobot"))
     with pytest.raises(ValueError, match="synth.format must be one of"):
         validate_config(SynthConfig(format="zarr"))
+
+
+def test_read_tasks_are_as_many_as_asked_and_read_files_in_order(dataset):
+    from rayrm.data.lerobot import LeRobotEpisodeDatasource
+
+    episodes, _ = scan_lerobot(dataset, [TOP])
+    source = LeRobotEpisodeDatasource(episodes, frames_per_block=8)
+    for wanted in range(1, 7):
+        tasks = source.get_read_tasks(wanted)
+        assert len(tasks) == wanted  # fewer would make Ray Data split every block
+        rows = [t.metadata.num_rows for t in tasks]
+        assert sum(rows) == sum(LENGTHS)
+    assert len(source.get_read_tasks(50)) == 6  # at most one per episode
+    # consecutive runs in file order, split by frame count: 5+7+6 | 9 | 4+8 frames
+    files = [list(t.metadata.input_files) for t in source.get_read_tasks(3)]
+    assert files == [
+        [video_path(dataset, TOP, 0), video_path(dataset, TOP, 1)],
+        [video_path(dataset, TOP, 1)],
+        [video_path(dataset, TOP, 2)],
+    ]
