@@ -218,7 +218,7 @@ class AnnotateConfig:
     # Episodes the JSON leaves out (failures often can't be fully labelled) are an error,
     # unless allowed: they then get empty stage / subtask_progress lists.
     allow_unannotated: bool = False
-    input: str | None = None  # annotate-video: raw HDF5; default embed.input
+    input: str | None = None  # annotate-video: raw HDF5 or a LeRobot v3 root; default embed.input
     camera: str = "side_cam"
     video_output: str | None = None  # annotate-video: default <workdir>/annotate
     episodes: list[str] = field(default_factory=list)  # annotate-video: subset (default all)

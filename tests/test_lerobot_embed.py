@@ -149,3 +149,18 @@ def test_evaluate_reads_a_lerobot_root_as_raw_input(embedded, dataset, tmp_path)
         frames = decoded_episode(dataset, TOP, i)
         values = [scorer.step(frame[None])[0] for frame in frames]
         np.testing.assert_allclose(values, from_video["causal"][row], atol=1e-4)
+
+
+def test_annotation_videos_from_a_lerobot_root(ray_session, dataset, tmp_path):
+    from rayrm.annotate.videos import run_annotate_video
+    from rayrm.config import AnnotateConfig
+    from rayrm.video import count_mp4_frames
+
+    names = ["episode_000001", "episode_000003"]
+    cfg = AnnotateConfig(
+        input=dataset, camera=TOP, video_output=str(tmp_path / "videos"), episodes=names
+    )
+    result = run_annotate_video(cfg)
+    assert result.num_episodes == 2 and result.num_frames == LENGTHS[1] + LENGTHS[3]
+    for name, length in zip(names, (LENGTHS[1], LENGTHS[3])):
+        assert count_mp4_frames(str(tmp_path / "videos" / f"{name}.mp4")) == length

@@ -296,8 +296,7 @@ class _FramePacker:
         """Decode all of ``info``'s frames; yield every block that becomes full."""
         if self.buffer is not None and self.buffer.shape[1:] != info.frame_shape:
             yield from self.flush()  # a block holds one image size
-        frames = mp4.decode_range(info.source_file, info.from_timestamp, info.num_frames, info.fps)
-        for t, frame in enumerate(frames):
+        for t, frame in enumerate(decode_episode(info)):
             if frame.shape != info.frame_shape:
                 raise ValueError(f"frame {t} is {frame.shape}, expected {info.frame_shape}")
             if self.buffer is None:
@@ -352,10 +351,15 @@ def read_packed_blocks(
     yield from packer.flush()
 
 
+def decode_episode(info: LeRobotEpisodeInfo) -> Iterator[np.ndarray]:
+    """The episode's frames in order, decoded from its place in its video file."""
+    return mp4.decode_range(info.source_file, info.from_timestamp, info.num_frames, info.fps)
+
+
 def read_error(info: LeRobotEpisodeInfo) -> str | None:
     """Decode all of one episode's frames; the error as text, None when it decodes."""
     try:
-        for _ in mp4.decode_range(info.source_file, info.from_timestamp, info.num_frames, info.fps):
+        for _ in decode_episode(info):
             pass
     except mp4.DECODE_ERRORS as err:
         return f"frames cannot be decoded: {type(err).__name__}: {err}"

@@ -8,6 +8,7 @@ and the reason an episode's frames could not be read.
 
 from __future__ import annotations
 
+import numpy as np
 from ray.data import Datasource
 
 from rayrm.data import hdf5, lerobot
@@ -23,6 +24,15 @@ def scan_raw_input(
     if lerobot.is_lerobot_root(spec):
         return lerobot.scan_lerobot(spec, [camera], prompt, success_column)
     return hdf5.scan_episodes(hdf5.list_hdf5_files(spec), camera, prompt)
+
+
+def read_frames(info: EpisodeInfo, camera: str) -> np.ndarray:
+    """All of one episode's frames, uint8 [T, H, W, 3], in memory (one episode's worth: for
+    annotation videos, not for the streaming pipeline)."""
+    if isinstance(info, lerobot.LeRobotEpisodeInfo):
+        return np.stack(list(lerobot.decode_episode(info)))
+    with hdf5.open_hdf5(info.source_file) as handle:
+        return handle[info.episode_id][camera][:]
 
 
 def is_lerobot(episodes: list[EpisodeInfo]) -> bool:
