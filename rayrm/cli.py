@@ -24,12 +24,13 @@ from rayrm.runtime import init_ray, setup_logging
 logger = logging.getLogger("rayrm")
 
 COMMANDS = {
-    "synth": "write synthetic episodes (seed's raw HDF5 layout)",
-    "embed": "HDF5 episodes -> Parquet embedding shards (Ray Data)",
+    "synth": "write synthetic episodes (seed's raw HDF5 layout, or LeRobot v3)",
+    "embed": "HDF5 episodes or a LeRobot v3 dataset -> Parquet embedding shards (Ray Data)",
     "annotate-video": "per episode an mp4 with frame numbers and a contact sheet, to label stages",
     "annotate": "apply a stage JSON to the embedding shards (stage, subtask_progress columns)",
     "train": "train the reward model on embedding shards (Ray Train)",
     "evaluate": "reward curves, metrics, figures, videos and an HTML report for a checkpoint",
+    "score": "a checkpoint and a dataset -> per-frame rewards (LeRobot's columns, RA-BC weights)",
     "pipeline": "embed -> train -> evaluate",
     "demo": "synth -> embed -> train -> evaluate, with a blind control",
     "serve": "online rewards: a checkpoint behind Ray Serve, HTTP on 127.0.0.1 (rayrm.serve)",
@@ -75,6 +76,10 @@ def _run(command: str, cfg) -> None:
         from rayrm.evaluate.run import run_evaluate
 
         run_evaluate(cfg)
+    elif command == "score":
+        from rayrm.score.run import run_score
+
+        run_score(cfg)
     elif command == "pipeline":
         from rayrm.pipeline import run_pipeline
 

@@ -78,9 +78,14 @@ def _plain(value: Any) -> Any:
 
 @dataclass
 class SynthConfig:
-    """Synthetic episodes in the seed's raw HDF5 layout (see ``rayrm.data.synthetic``)."""
+    """Synthetic episodes in the seed's raw HDF5 layout or as a LeRobot v3 dataset (see
+    ``rayrm.data.synthetic``)."""
 
-    output: str | None = None  # HDF5 file; default <workdir>/raw/episodes.h5
+    # "hdf5" (the seed's layout) or "lerobot" (a LeRobot v3 dataset folder, mp4 videos)
+    format: str = "hdf5"
+    # HDF5 file, or LeRobot dataset folder; default <workdir>/raw/episodes.h5 or raw/lerobot
+    output: str | None = None
+    fps: int = 10  # LeRobot only: frames per second of the videos
     num_episodes: int = 80
     failure_fraction: float = 0.3  # share of episodes that fail (stall, drop, move back)
     image_size: int = 64  # square side_cam / wrist_cam frames
@@ -109,11 +114,19 @@ class BackboneConfig:
 
 @dataclass
 class EmbedConfig:
-    """Ray Data embedding: HDF5 episodes in, Parquet episode shards out (``rayrm.embed``)."""
+    """Ray Data embedding: HDF5 episodes or a LeRobot v3 dataset in, Parquet episode shards
+    out (``rayrm.embed``)."""
 
-    input: str | None = None  # HDF5 file, folder of .h5/.hdf5 files, or glob; path or URL
+    # HDF5 file, folder of .h5/.hdf5 files, or glob; or a LeRobot v3 dataset root (a folder
+    # with meta/info.json); path or URL
+    input: str | None = None
     output: str | None = None  # folder; default <workdir>/embeddings
-    camera: str = "side_cam"
+    camera: str = "side_cam"  # HDF5 dataset, or LeRobot v3 video key (observation.images.top)
+    # LeRobot v3 only: several video keys, each camera's view an episode of its own
+    # (episode_000007:<key>); empty = `camera` alone
+    cameras: list[str] = field(default_factory=list)
+    # LeRobot v3 only: a bool column of meta/episodes/ holding each episode's success
+    success_column: str | None = None
     prompt: str | None = None  # overrides per-episode / per-file prompt attributes
     batch_size: int = 64  # frames per backbone call
     frames_per_block: int = 64  # frames per Ray Data block read from HDF5
@@ -205,7 +218,7 @@ class AnnotateConfig:
     # Episodes the JSON leaves out (failures often can't be fully labelled) are an error,
     # unless allowed: they then get empty stage / subtask_progress lists.
     allow_unannotated: bool = False
-    input: str | None = None  # annotate-video: raw HDF5; default embed.input
+    input: str | None = None  # annotate-video: raw HDF5 or a LeRobot v3 root; default embed.input
     camera: str = "side_cam"
     video_output: str | None = None  # annotate-video: default <workdir>/annotate
     episodes: list[str] = field(default_factory=list)  # annotate-video: subset (default all)
@@ -239,6 +252,24 @@ class EvaluateConfig:
     fps: int = 10
     report: bool = True  # the self-contained report.html
     embed_videos_mb: float = 25.0  # embed videos in the report up to this total, else link
+
+
+@dataclass
+class ScoreConfig:
+    """Per-frame rewards of a whole dataset in one Parquet file (``rayrm score``)."""
+
+    checkpoint: str | None = None  # default: best checkpoint of <workdir>/train
+    # Raw episodes (HDF5, or a LeRobot v3 root: its index / episode_index are used) embedded
+    # on the fly; empty = the embeddings (``embeddings``)
+    input: str | None = None
+    embeddings: str | None = None  # default embed.output
+    # Scoring the embeddings of a LeRobot v3 dataset: its root, for index / episode_index
+    dataset: str | None = None
+    output: str | None = None  # Parquet file; default <workdir>/score/rewards.parquet
+    rabc_chunk: int = 0  # > 0: RA-BC weights, progress delta over this many frames
+    rabc_kappa: float = 0.01  # RA-BC hard threshold (LeRobot's default)
+    batch_size: int = 256  # prefixes per forward pass
+    overwrite: bool = False
 
 
 @dataclass
@@ -299,6 +330,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     log_level: str = "INFO"
@@ -433,7 +465,8 @@ def resolve_paths(cfg: Config) -> Config:
     """Fill empty stage paths from ``workdir`` so the stages find each other's outputs."""
     out = dataclasses.replace(cfg)
     work = cfg.workdir.rstrip("/")
-    out.synth = dataclasses.replace(cfg.synth, output=cfg.synth.output or f"{work}/raw/episodes.h5")
+    default_raw = "raw/lerobot" if cfg.synth.format == "lerobot" else "raw/episodes.h5"
+    out.synth = dataclasses.replace(cfg.synth, output=cfg.synth.output or f"{work}/{default_raw}")
     out.embed = dataclasses.replace(
         cfg.embed,
         input=cfg.embed.input or out.synth.output,
@@ -448,6 +481,11 @@ def resolve_paths(cfg: Config) -> Config:
         cfg.evaluate,
         embeddings=cfg.evaluate.embeddings or out.embed.output,
         output=cfg.evaluate.output or f"{work}/eval",
+    )
+    out.score = dataclasses.replace(
+        cfg.score,
+        embeddings=cfg.score.embeddings or out.embed.output,
+        output=cfg.score.output or f"{work}/score/rewards.parquet",
     )
     out.annotate = dataclasses.replace(
         cfg.annotate,

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rayrm.config import Config, resolve_paths
-from rayrm.data.synthetic import write_synthetic_dataset
+from rayrm.data.synthetic import write_synthetic_dataset, write_synthetic_lerobot
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +33,13 @@ def run_synth(cfg: Config) -> Path:
     successful episodes in the seed's stage-JSON form, ready for ``rayrm annotate``."""
     from rayrm.annotate.labels import stage_json_from_hdf5, write_stage_json
 
-    path = write_synthetic_dataset(cfg.synth)
-    stages = write_stage_json(str(path.with_name("stages.json")), stage_json_from_hdf5([str(path)]))
+    if cfg.synth.format == "lerobot":
+        boundaries = write_synthetic_lerobot(cfg.synth, cfg.synth.output)
+        path = Path(cfg.synth.output)
+    else:
+        path = write_synthetic_dataset(cfg.synth)
+        boundaries = stage_json_from_hdf5([str(path)])
+    stages = write_stage_json(str(path.with_name("stages.json")), boundaries)
     logger.info("wrote %s and %s", path, stages)
     return path
 

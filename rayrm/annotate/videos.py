@@ -11,8 +11,10 @@ file                           content
 ``stages_template.json``       the stage JSON to fill in (named form, empty boundary lists)
 =============================  ===========================================================
 
-The driver only reads metadata; each episode is one Ray task that reads its frames from the
-HDF5 file and encodes the video, so thousands of episodes spread over the cluster's CPUs.
+The driver only reads metadata; each episode is one Ray task that reads its frames (from the
+HDF5 file, or decoded from a LeRobot v3 root's mp4: ``annotate.input`` may be either, with
+``annotate.camera`` its video key) and encodes the video, so thousands of episodes spread
+over the cluster's CPUs.
 
 Run: ``rayrm annotate-video --config configs/demo.yaml [--annotate.episodes ep1,ep2]``.
 """
@@ -28,19 +30,14 @@ import ray
 
 from rayrm.config import AnnotateConfig
 from rayrm.data import storage
-from rayrm.data.hdf5 import (
-    EpisodeInfo,
-    InvalidEpisodesError,
-    list_hdf5_files,
-    open_hdf5,
-    scan_episodes,
-)
+from rayrm.data.hdf5 import EpisodeInfo, InvalidEpisodesError
+from rayrm.data.sources import read_frames, scan_raw_input
 from rayrm.video import contact_sheet, numbered_frames, write_mp4, write_png
 
 logger = logging.getLogger(__name__)
 
 TEMPLATE_NAME = "stages_template.json"
-PROMPT_UNUSED = "-"  # scan_episodes wants a prompt; videos don't need one
+PROMPT_UNUSED = "-"  # the scans want a prompt; videos don't need one
 
 
 def safe_name(episode_id: str) -> str:
@@ -55,8 +52,7 @@ def video_paths(output: str, episode_id: str) -> tuple[str, str]:
 
 def annotate_episode(info: EpisodeInfo, cfg: AnnotateConfig) -> tuple[str, int]:
     """Ray task: one episode's numbered mp4 and contact sheet; returns (id, frames written)."""
-    with open_hdf5(info.source_file) as handle:
-        frames = handle[info.episode_id][cfg.camera][:]
+    frames = read_frames(info, cfg.camera)
     # The encoders write local files: on a URL output they go up once written.
     with storage.staged_output(cfg.video_output) as out:
         video, sheet = video_paths(out, info.episode_id)
@@ -67,8 +63,7 @@ def annotate_episode(info: EpisodeInfo, cfg: AnnotateConfig) -> tuple[str, int]:
 
 
 def select_episodes(cfg: AnnotateConfig) -> list[EpisodeInfo]:
-    files = list_hdf5_files(cfg.input)
-    episodes, problems = scan_episodes(files, cfg.camera, PROMPT_UNUSED)
+    episodes, problems = scan_raw_input(cfg.input, cfg.camera, PROMPT_UNUSED)
     if problems:
         raise InvalidEpisodesError(problems)
     if cfg.episodes:

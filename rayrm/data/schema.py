@@ -19,6 +19,76 @@ Optional attributes of an episode group (the synthetic generator writes all of t
 ``success`` (bool), ``stage_boundaries`` (int [K-1], first frame of stages 2..K),
 ``num_stages`` (int), ``failure_mode`` (str).
 
+LeRobot v3 datasets (input; ``rayrm.data.lerobot`` reads them, ``rayrm.data.lerobot_writer``
+writes them for tests and ``rayrm synth``)
+----------------------------------------------------------------------------------------------
+The layout of LeRobot's ``codebase_version`` "v3.0" (``src/lerobot/datasets/utils.py``:
+``INFO_PATH``, ``DEFAULT_TASKS_PATH``, ``DEFAULT_EPISODES_PATH``, ``DEFAULT_DATA_PATH``,
+``DEFAULT_VIDEO_PATH``; ``dataset_metadata.py``: ``CODEBASE_VERSION``)::
+
+    meta/info.json                                   codebase_version, fps, features, paths
+    meta/tasks.parquet                               one row per task: ``task_index`` and the
+                                                     task string (the pandas index ``task``)
+    meta/episodes/chunk-000/file-000.parquet         one row per episode (columns below)
+    data/chunk-000/file-000.parquet                  one row per frame: index, episode_index,
+                                                     frame_index, timestamp, task_index, ...
+    videos/<camera key>/chunk-000/file-000.mp4       one stream per camera; several episodes
+                                                     one after another in each file
+
+``info.json`` names the templates (``data_path``, ``video_path``, with ``chunk_index``,
+``file_index`` and ``video_key``) and ``chunks_size`` (files per chunk folder). A camera is
+a feature of ``dtype`` "video" with ``shape`` [H, W, 3].
+
+Episode rows that rayrm reads (``meta/episodes/``; LeRobot's ``stats/...`` columns ignored):
+
+====================================  ===========  ============================================
+column                                type         meaning
+====================================  ===========  ============================================
+``episode_index``                     int64        the episode's number
+``length``                            int64        T, frames in the episode
+``tasks``                             list<str>    its task strings (rayrm uses the first)
+``dataset_from_index``                int64        global ``index`` of its first frame
+``dataset_to_index``                  int64        one past the global index of its last frame
+``videos/<key>/chunk_index``          int64        where its frames are: the file of
+``videos/<key>/file_index``           int64        ``video_path`` with these numbers, from
+``videos/<key>/from_timestamp``       float64      this time (s) to this one; frame t is at
+``videos/<key>/to_timestamp``         float64      ``from_timestamp + t / fps``
+(``embed.success_column``)            bool         optional success flag (not LeRobot's own)
+====================================  ===========  ============================================
+
+rayrm names a LeRobot episode ``episode_<episode_index, 6 digits>``; with several cameras
+(``embed.cameras``) each camera's view is an episode of its own, ``episode_000007:<key>``.
+
+Per-frame rewards (output of ``rayrm score``)
+---------------------------------------------
+One Parquet file, one row per frame of every scored episode, sorted by ``index``, written
+whole or not at all. The first four columns are the ones LeRobot's SARM writes
+(``src/lerobot/rewards/sarm/compute_rabc_weights.py``) and its ``RABCWeights`` reads
+(``progress_path``, ``head_mode: sparse``), so the file can be handed to LeRobot's RA-BC
+training as it is (:data:`SCORE_SCHEMA`):
+
+=======================  ===========  ===================================================
+column                   type         meaning
+=======================  ===========  ===================================================
+``index``                int64        global frame index: LeRobot's ``dataset_from_index
+                                      + frame_index``; HDF5 input: frames counted over the
+                                      episodes in id order
+``episode_index``        int64        LeRobot's episode_index; HDF5: position in id order
+``frame_index``          int64        t in 0..T-1
+``progress_sparse``      float32      the causal reward at t: what ``RewardScorer`` gives an
+                                      RL loop after frames 0..t
+``episode_id``           string       rayrm's episode id
+``prefix``               float32      the plain prefix value (``rayrm evaluate``'s prefix
+                                      curve); equals the causal reward to float precision
+``stage``                int32        SARM models: the predicted stage at t (null otherwise)
+``rabc_delta``           float32      with ``score.rabc_chunk``: progress[t+N] - progress[t]
+``rabc_weight``          float32      with ``score.rabc_chunk``: the RA-BC weight (SARM Eq.
+                                      8-9, ``rayrm.score.rabc``); null without
+=======================  ===========  ===================================================
+
+The file's metadata holds ``reward_model_path`` (the checkpoint, the key LeRobot reads) and
+``rayrm.score`` (JSON: checkpoint, dataset, rayrm version, the score config).
+
 Embedding shards (output of ``rayrm embed``, input of annotate, train and evaluate)
 -----------------------------------------------------------------------------------
 A folder (local path or URL) whose ``manifest.json`` is the commit record: it is written
@@ -106,6 +176,29 @@ ATTR_STAGE_BOUNDARIES = "stage_boundaries"
 ATTR_NUM_STAGES = "num_stages"
 ATTR_FAILURE_MODE = "failure_mode"
 
+# LeRobot v3 (see the module docstring)
+LEROBOT_CODEBASE_VERSION = "v3.0"
+LEROBOT_INFO_PATH = "meta/info.json"
+LEROBOT_TASKS_PATH = "meta/tasks.parquet"
+LEROBOT_EPISODES_DIR = "meta/episodes"
+LEROBOT_CHUNK_FILE = "chunk-{chunk_index:03d}/file-{file_index:03d}"
+LEROBOT_EPISODES_PATH = LEROBOT_EPISODES_DIR + "/" + LEROBOT_CHUNK_FILE + ".parquet"
+LEROBOT_DATA_PATH = "data/" + LEROBOT_CHUNK_FILE + ".parquet"
+LEROBOT_VIDEO_PATH = "videos/{video_key}/" + LEROBOT_CHUNK_FILE + ".mp4"
+LEROBOT_CHUNKS_SIZE = 1000  # LeRobot's DEFAULT_CHUNK_SIZE: files per chunk folder
+
+
+def lerobot_video_column(camera: str, name: str) -> str:
+    """``videos/<camera>/<name>``: chunk_index, file_index, from_timestamp, to_timestamp."""
+    return f"videos/{camera}/{name}"
+
+
+def lerobot_episode_id(episode_index: int, camera: str | None = None) -> str:
+    """rayrm's id of a LeRobot episode; ``camera`` only when several cameras are read."""
+    name = f"episode_{episode_index:06d}"
+    return f"{name}:{camera}" if camera else name
+
+
 MANIFEST_NAME = "manifest.json"
 CHUNKS_DIR = "chunks"
 RUN_DIR = "_run"  # an unfinished embedding run's state: run.json, failures.json
@@ -158,3 +251,19 @@ STAGE_FIELDS = [
     pa.field("subtask_progress", pa.list_(pa.float32()), nullable=False),
 ]
 STAGE_COLUMNS = [f.name for f in STAGE_FIELDS]
+
+SCORE_SCHEMA = pa.schema(
+    [
+        pa.field("index", pa.int64(), nullable=False),
+        pa.field("episode_index", pa.int64(), nullable=False),
+        pa.field("frame_index", pa.int64(), nullable=False),
+        pa.field("progress_sparse", pa.float32(), nullable=False),
+        pa.field("episode_id", pa.string(), nullable=False),
+        pa.field("prefix", pa.float32(), nullable=False),
+        pa.field("stage", pa.int32(), nullable=True),
+        pa.field("rabc_delta", pa.float32(), nullable=True),
+        pa.field("rabc_weight", pa.float32(), nullable=True),
+    ]
+)
+SCORE_METADATA_KEY = "rayrm.score"
+LEROBOT_REWARD_MODEL_KEY = "reward_model_path"  # what LeRobot's SARM reads back

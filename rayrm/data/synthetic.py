@@ -1,4 +1,6 @@
-"""Synthetic robot demonstrations in the seed's raw HDF5 layout (see ``rayrm.data.schema``).
+"""Synthetic robot demonstrations in the seed's raw HDF5 layout (see ``rayrm.data.schema``), or
+the same episodes as a LeRobot v3 dataset (``synth.format: lerobot``, see
+:func:`write_synthetic_lerobot`).
 
 Each episode shows one task, "put the cube in the pot", from a fixed side camera drawn with
 numpy only: a background with a mild vertical gradient, a table strip, a coloured cube on the
@@ -52,6 +54,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import uuid
 from dataclasses import dataclass
@@ -62,6 +65,8 @@ import numpy as np
 from tqdm import tqdm
 
 from rayrm.config import SynthConfig
+from rayrm.data import schema
+from rayrm.data.lerobot_writer import LeRobotEpisode, write_lerobot_dataset
 from rayrm.data.schema import (
     ACTION_KEY,
     ATTR_FAILURE_MODE,
@@ -76,6 +81,10 @@ from rayrm.data.schema import (
 logger = logging.getLogger(__name__)
 
 SIDE_CAM, WRIST_CAM = CAMERA_KEYS
+SYNTH_FORMATS = ("hdf5", "lerobot")
+# The cameras' video keys in a synthetic LeRobot dataset (LeRobot's naming convention).
+LEROBOT_CAMERAS = {SIDE_CAM: "observation.images.side", WRIST_CAM: "observation.images.wrist"}
+LEROBOT_SUCCESS_COLUMN = "success"
 NUM_STAGES = 4
 SUCCESS_MODE = "none"
 FAILURE_MODES = ("stall", "drop", "backward")
@@ -178,6 +187,10 @@ def validate_config(cfg: SynthConfig) -> None:
         ("noise", cfg.noise >= 0.0, ">= 0"),
         ("tasks", all(t in CUBE_COLORS for t in cfg.tasks), f"colours of {list(CUBE_COLORS)}"),
         ("tasks", len(set(cfg.tasks)) == len(cfg.tasks), "distinct"),
+        ("format", cfg.format in SYNTH_FORMATS, f"one of {list(SYNTH_FORMATS)}"),
+        ("fps", cfg.fps >= 1, ">= 1"),
+        # LeRobot's videos are yuv420p, which needs even frame sizes
+        ("image_size", cfg.format != "lerobot" or cfg.image_size % 2 == 0, "even for lerobot"),
     ]
     for name, ok, rule in checks:
         if not ok:
@@ -507,6 +520,19 @@ def make_episode(
     }
 
 
+# --------------------------------------------------------------------------- all episodes
+
+
+def synthetic_episodes(cfg: SynthConfig):
+    """(prompt, episode) of every synthetic episode, in order, as the HDF5 writer makes them."""
+    prompts, cubes = task_prompts(cfg), cfg.tasks or [DEFAULT_CUBE]
+    modes = plan_failure_modes(cfg)
+    tasks = plan_tasks(cfg, modes)
+    for index, mode in enumerate(modes):
+        rng = np.random.default_rng([cfg.seed, index])
+        yield prompts[tasks[index]], make_episode(rng, cfg, mode, cubes[tasks[index]])
+
+
 # --------------------------------------------------------------------------- HDF5 file
 
 
@@ -524,17 +550,19 @@ def write_episode(group: h5py.Group, episode: dict, prompt: str) -> None:
 
 
 def _write_all(f: h5py.File, cfg: SynthConfig) -> int:
-    prompts, cubes = task_prompts(cfg), cfg.tasks or [DEFAULT_CUBE]
     if not cfg.tasks:  # one task: the file's prompt is every episode's
         f.attrs[ATTR_PROMPT] = cfg.prompt
-    modes = plan_failure_modes(cfg)
-    tasks = plan_tasks(cfg, modes)
     total_frames = 0
-    bar = tqdm(modes, desc="synthetic episodes", unit="ep", disable=not sys.stderr.isatty())
-    for index, mode in enumerate(bar):
-        rng = np.random.default_rng([cfg.seed, index])
-        episode = make_episode(rng, cfg, mode, cubes[tasks[index]])
-        write_episode(f.create_group(f"episode_{index:04d}"), episode, prompts[tasks[index]])
+    episodes = synthetic_episodes(cfg)
+    bar = tqdm(
+        episodes,
+        total=cfg.num_episodes,
+        desc="synthetic episodes",
+        unit="ep",
+        disable=not sys.stderr.isatty(),
+    )
+    for index, (prompt, episode) in enumerate(bar):
+        write_episode(f.create_group(f"episode_{index:04d}"), episode, prompt)
         total_frames += len(episode[ACTION_KEY])
     return total_frames
 
@@ -564,3 +592,40 @@ def write_synthetic_dataset(cfg: SynthConfig, path: str | Path | None = None) ->
         *(cfg.num_episodes, total_frames, size, size, len(task_prompts(cfg)), target),
     )
     return target
+
+
+# --------------------------------------------------------------------------- LeRobot v3 folder
+
+
+def write_synthetic_lerobot(cfg: SynthConfig, root: str) -> dict[str, list[int]]:
+    """The same episodes as :func:`write_synthetic_dataset`, as a LeRobot v3 dataset under
+    the local folder ``root`` (both cameras as videos, ``success`` as an episode column);
+    returns the stage JSON of the successful episodes under their LeRobot ids
+    (``episode_000007``). (``rayrm.data.lerobot_writer`` itself also writes to URLs.)
+
+    The folder is written beside the target and moved into place at the end, so a crash
+    leaves no half-written dataset there. The episodes are held in memory while written (the
+    writer encodes each mp4 file whole): fine for synthetic sizes."""
+    validate_config(cfg)
+    episodes, stages = [], {}
+    for index, (prompt, episode) in enumerate(synthetic_episodes(cfg)):
+        frames = {LEROBOT_CAMERAS[key]: episode[key] for key in CAMERA_KEYS}
+        episodes.append(
+            LeRobotEpisode(prompt, frames, bool(episode["success"]), episode[ACTION_KEY])
+        )
+        boundaries = [int(b) for b in episode["stage_boundaries"]]
+        if episode["success"] and len(boundaries) == NUM_STAGES - 1:
+            stages[schema.lerobot_episode_id(index)] = boundaries
+    target = Path(root)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        write_lerobot_dataset(
+            str(tmp), episodes, fps=cfg.fps, success_column=LEROBOT_SUCCESS_COLUMN
+        )
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("wrote %d synthetic episodes as a LeRobot v3 dataset to %s", len(episodes), root)
+    return stages

@@ -1,8 +1,9 @@
-"""The Ray Data embedding pipeline: HDF5 read tasks -> actors that embed and write.
+"""The Ray Data embedding pipeline: read tasks (HDF5 or LeRobot video) -> actors that embed
+and write.
 
 ::
 
-    HDF5EpisodeDatasource        read tasks: fixed-size frame blocks, episodes in order
+    episode_datasource           read tasks: fixed-size frame blocks, episodes in order
       -> map_batches(ChunkWriter)    actor pool (one per GPU with num_actors 0); a call takes
                                      whole blocks, runs the backbone ``batch_size`` frames at
                                      a time and writes the call's embeddings as one new
@@ -31,7 +32,8 @@ import numpy as np
 import ray
 
 from rayrm.config import Config, EmbedConfig
-from rayrm.data.hdf5 import EpisodeInfo, HDF5EpisodeDatasource
+from rayrm.data.hdf5 import EpisodeInfo
+from rayrm.data.sources import episode_datasource
 from rayrm.embed.actor import ChunkWriter, FrameEmbedder
 
 _BLOCKS_PER_READ_TASK = 16
@@ -149,7 +151,7 @@ def _embedding_dataset(
 ) -> ray.data.Dataset:
     ecfg = cfg.embed
     frames = ray.data.read_datasource(
-        HDF5EpisodeDatasource(episodes, ecfg.camera, ecfg.frames_per_block),
+        episode_datasource(episodes, ecfg.camera, ecfg.frames_per_block),
         override_num_blocks=_read_tasks(episodes, ecfg.frames_per_block),
     )
     with warnings.catch_warnings():

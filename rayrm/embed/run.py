@@ -27,10 +27,11 @@ from rayrm.data.hdf5 import (
     InvalidEpisodesError,
     list_hdf5_files,
     merge_scans,
-    read_error,
     scan_episodes,
     scan_file,
 )
+from rayrm.data.lerobot import is_lerobot_root, scan_lerobot
+from rayrm.data.sources import read_error
 from rayrm.embed.ledger import (
     FAILURES_FILE,
     ChunkLedger,
@@ -96,16 +97,47 @@ def _scan_inputs(
     return merge_scans(by_file[file] for file in files)  # file order decides duplicate ids
 
 
+def _parallel_map(fn, items: list) -> list:
+    """``map`` over ``items`` in up to ``_MAX_SCAN_TASKS`` Ray tasks (a single item: here)."""
+    items = list(items)
+    if len(items) <= 1:
+        return [fn(item) for item in items]
+    n_chunks = min(len(items), _MAX_SCAN_TASKS)
+    task = ray.remote(lambda chunk: [fn(item) for item in chunk])
+    results = ray.get([task.remote(items[i::n_chunks]) for i in range(n_chunks)])
+    by_item = {}
+    for i, chunk in enumerate(results):
+        by_item.update(zip(range(i, len(items), n_chunks), chunk))
+    return [by_item[i] for i in range(len(items))]
+
+
+def lerobot_cameras(ecfg: EmbedConfig) -> list[str]:
+    return list(ecfg.cameras) or [ecfg.camera]
+
+
+def _scan_lerobot(ecfg: EmbedConfig) -> tuple[list[EpisodeInfo], list[EpisodeProblem], int]:
+    """A LeRobot v3 root: metadata here, the video files' headers probed in Ray tasks."""
+    cameras = lerobot_cameras(ecfg)
+    episodes, failures = scan_lerobot(
+        ecfg.input, cameras, ecfg.prompt, ecfg.success_column, mapper=_parallel_map
+    )
+    return episodes, failures, len({e.source_file for e in episodes})
+
+
 def _scan(ecfg: EmbedConfig, backbone: str) -> tuple[list[EpisodeInfo], list[EpisodeProblem]]:
-    files = list_hdf5_files(ecfg.input)
-    episodes, failures = _scan_inputs(ecfg, files)
+    if is_lerobot_root(ecfg.input):
+        episodes, failures, num_files = _scan_lerobot(ecfg)
+    else:
+        files = list_hdf5_files(ecfg.input)
+        episodes, failures = _scan_inputs(ecfg, files)
+        num_files = len(files)
     for problem in failures:
         logger.warning("%s", problem)
     logger.info(
         "%d episodes (%d frames) in %d file(s), %d failed the checks; backbone '%s'",
         len(episodes),
         sum(e.num_frames for e in episodes),
-        len(files),
+        num_files,
         failed_episodes(failures),
         backbone,
     )
@@ -118,6 +150,8 @@ def _settings(cfg: Config) -> dict[str, Any]:
         "format": schema.EMBEDDINGS_FORMAT,
         "backbone": asdict(cfg.backbone),
         "camera": cfg.embed.camera,
+        "cameras": list(cfg.embed.cameras),
+        "success_column": cfg.embed.success_column,
         "prompt": cfg.embed.prompt,
     }
 
@@ -234,6 +268,7 @@ def _manifest(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "backbone": asdict(cfg.backbone),
         "camera": cfg.embed.camera,
+        "cameras": list(cfg.embed.cameras),
         "visual_dim": int(visual_dim),
         "language_dim": int(language_dim),
         "num_episodes": len(written),

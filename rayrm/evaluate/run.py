@@ -1,10 +1,11 @@
 """Evaluate a checkpoint: curves, metrics JSON/CSV, figures, videos, an HTML report.
 
-Input: embedding shards (``evaluate.embeddings``), or raw HDF5 episodes (``evaluate.input``)
-embedded on the fly through the checkpoint's backbone by the same Ray Data pipeline as
-``rayrm embed`` (nothing written). Either way one Ray Data actor scores the episodes (and rewound
-copies of the experts) with :class:`rayrm.evaluate.curves.CurveScorer`. A blind control
-(``evaluate.blind_checkpoint``) is scored on the same episodes and shown beside the model.
+Input: embedding shards (``evaluate.embeddings``), or raw episodes (``evaluate.input``: HDF5
+or a LeRobot v3 root), embedded on the fly through the checkpoint's backbone by the same Ray
+Data pipeline as ``rayrm embed`` (nothing written). Either way one Ray Data actor scores the
+episodes (and rewound copies of the experts) with :class:`rayrm.evaluate.curves.CurveScorer`.
+A blind control (``evaluate.blind_checkpoint``) is scored on the same episodes and shown
+beside the model.
 
 Outputs in ``evaluate.output``:
 
@@ -49,13 +50,14 @@ import ray
 from rayrm.config import BackboneConfig, Config, from_dict
 from rayrm.data import schema, storage
 from rayrm.data.chunks import whole_episode_table
-from rayrm.data.hdf5 import InvalidEpisodesError, list_hdf5_files, scan_episodes
+from rayrm.data.hdf5 import InvalidEpisodesError
 from rayrm.data.shards import (
     EpisodeReader,
     episode_dataset,
     read_episode_index,
     read_manifest,
 )
+from rayrm.data.sources import scan_raw_input
 from rayrm.evaluate.curves import CurveScorer
 from rayrm.evaluate.media import MediaJob, render_all
 from rayrm.evaluate.report import (
@@ -157,14 +159,16 @@ def source_camera(cfg: Config, checkpoint_config: dict) -> str:
 
 
 def _raw_dataset(cfg: Config, checkpoint_config: dict, ids: list[str] | None):
-    """Raw HDF5 episodes through the checkpoint's backbone (``rayrm.embed``'s pipeline), and
-    the prompt vectors of their tasks."""
+    """Raw episodes (HDF5, or one camera of a LeRobot v3 root) through the checkpoint's
+    backbone (``rayrm.embed``'s pipeline), and the prompt vectors of their tasks."""
     from rayrm.embed import build_dataset, describe_backbone
 
     ecfg = cfg.evaluate
     backbone = from_dict(BackboneConfig, checkpoint_config["backbone"])
     camera = source_camera(cfg, checkpoint_config)
-    episodes, problems = scan_episodes(list_hdf5_files(ecfg.input), camera, ecfg.prompt)
+    # a LeRobot root's success flags: the column the embeddings were made with (embed section)
+    success_column = cfg.embed.success_column
+    episodes, problems = scan_raw_input(ecfg.input, camera, ecfg.prompt, success_column)
     if problems:
         raise InvalidEpisodesError(problems)
     if ids is not None:

@@ -1,0 +1,1 @@
+"""Per-frame rewards for whole datasets (``rayrm score``) and what is derived from them."""
