@@ -10,6 +10,8 @@ N threads each open a stream, send M raw uint8 frames one step at a time (a boun
 exactly M steps, no retries) and close it. Reported per N: steps/s over the wall time of
 the whole run, p50 and p99 latency of one step, errors (any exception or non-200; must be
 0), and the mean batch the replicas formed (steps / model calls, from ``GET /streams/<id>``).
+For scale, the p50 of an HTTP request to a Serve deployment that does nothing is printed:
+Serve's own floor on the machine.
 
 The same N streams are then stepped by one vectorised client (``RewardClient.step_many``,
 one ``POST /steps`` of N frames per step), the way a vectorised simulator calls it.
@@ -31,7 +33,9 @@ import time
 
 import numpy as np
 import ray
+import requests
 import torch
+from ray import serve
 
 from rayrm.config import Config, ServeConfig
 from rayrm.evaluate.scorer import RewardScorer
@@ -107,6 +111,28 @@ def mean_batch(url: str, replica_stream: str, before: dict) -> float:
     return (after["steps"] - before["steps"]) / max(1, calls)
 
 
+@serve.deployment(name="Echo")
+class Echo:
+    async def __call__(self, request) -> str:
+        return "ok"
+
+
+def serve_floor(port: int, calls: int = 100) -> float:
+    """p50 ms of an HTTP request to a Serve deployment that does nothing: what Serve's proxy
+    and one replica hop cost on this machine, below which no served step can go."""
+    serve.run(
+        Echo.options(ray_actor_options={"num_cpus": 0}).bind(), name="echo", route_prefix="/echo"
+    )
+    session = requests.Session()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        session.get(f"http://127.0.0.1:{port}/echo", timeout=30).raise_for_status()
+        times.append(time.perf_counter() - start)
+    serve.delete("echo")
+    return 1000 * float(np.percentile(times, 50))
+
+
 def in_process(checkpoint: str, clients: int, steps: int, frames: np.ndarray) -> float:
     scorer = RewardScorer.from_checkpoint(checkpoint, "cpu")
     scorer.reset([PROMPT] * clients)
@@ -146,6 +172,7 @@ def main() -> None:
     url = start_serve(cfg)
     frames = np.random.default_rng(0).integers(0, 256, (16, args.frame, args.frame, 3), np.uint8)
     run_clients(url, 4, 5, frames, args.encoding)  # warm-up: connections, first batches
+    floor = serve_floor(args.port)
     rows = []
     for n in args.clients:
         probe = RewardClient(url).open(PROMPT)
@@ -158,7 +185,8 @@ def main() -> None:
         logger.info("N=%d: %s", n, served)
     print(
         f"\n{args.steps} steps per client, {args.frame}x{args.frame} frames, {args.encoding} "
-        f"encoding, {args.replicas} replica(s), torch threads {threads}\n"
+        f"encoding, {args.replicas} replica(s), torch threads {threads}; an HTTP request to "
+        f"a Serve deployment that does nothing: p50 {floor:.1f} ms\n"
     )
     print("| clients | steps/s | p50 ms | p99 ms | errors | mean batch | in-process steps/s |")
     print("|---|---|---|---|---|---|---|")

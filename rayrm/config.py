@@ -284,6 +284,7 @@ class ServeConfig:
     replicas: int = 1  # model replicas; with max_replicas > replicas, the autoscaling minimum
     max_replicas: int = 0  # 0: a fixed number of replicas; else autoscale up to this many
     target_ongoing_requests: float = 32.0  # autoscaling target per replica
+    downscale_delay_s: float = 600.0  # autoscaling: low load this long before a replica goes
     gpus_per_replica: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_replica: float = 1.0
     http_replicas: int = 1  # stateless HTTP front replicas (parse, check, forward)

@@ -220,6 +220,8 @@ def build_app(scfg: ServeConfig, checkpoint: str):
                 "min_replicas": scfg.replicas,
                 "max_replicas": scfg.max_replicas,
                 "target_ongoing_requests": scfg.target_ongoing_requests,
+                # a removed replica loses its streams: scale down only after a long lull
+                "downscale_delay_s": scfg.downscale_delay_s,
             }
         }
     model = RewardModel.options(
