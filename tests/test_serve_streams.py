@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from rayrm.config import ServeConfig
+from rayrm.config import ConfigError, ServeConfig, load_config
 from rayrm.evaluate.scorer import RewardScorer
 from rayrm.serve.errors import (
     BadRequestError,
@@ -182,3 +182,18 @@ def test_multi_stream_steps_round_trip_and_must_match_their_streams(encoding):
     headers = {k.lower(): v for k, v in headers.items()} | {"x-streams": "a.1,b.2"}
     with pytest.raises(BadRequestError, match="2 streams but observations of shape"):
         decode_steps(body, headers)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (["--serve.replicas", "0"], "serve.replicas must be >= 1"),
+        (["--serve.replicas", "3", "--serve.max_replicas", "2"], "max_replicas"),
+        (["--serve.max_batch_size", "0"], "max_batch_size"),
+        (["--serve.port", "70000"], "serve.port"),
+        (["--serve.batch_wait_s", "-1"], "batch_wait_s"),
+    ],
+)
+def test_serve_settings_are_checked_when_the_config_is_built(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, override)
