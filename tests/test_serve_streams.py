@@ -116,6 +116,9 @@ def test_bad_steps_are_refused_one_by_one_and_the_others_go_on(checkpoint):
     assert [results[0].step, results[-1].step] == [1, 2]  # only the good steps counted
     changed = table.step([(good, np.zeros((16, 16, 3), np.uint8))])[0]
     assert isinstance(changed, BadRequestError) and "first frame [24, 24, 3]" in str(changed)
+    fresh = table.open(PROMPTS[0])  # a shape change within the stream's first batch
+    first, second = table.step([(fresh, frames[0]), (fresh, np.zeros((16, 16, 3), np.uint8))])
+    assert first.step == 1 and isinstance(second, BadRequestError)
 
 
 def test_open_refuses_long_prompts_and_full_tables_and_closes_idle_streams(checkpoint):

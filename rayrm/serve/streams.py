@@ -240,7 +240,9 @@ class StreamTable:
             )
         if not (0 < obs.shape[0] <= side and 0 < obs.shape[1] <= side):
             raise BadRequestError(f"frame {list(obs.shape)} is outside 1..{side} per side")
-        if stream.frame_shape is not None and obs.shape != stream.frame_shape:
+        if stream.frame_shape is None:  # set here, so a change within one batch is caught
+            stream.frame_shape = obs.shape
+        if obs.shape != stream.frame_shape:
             raise BadRequestError(
                 f"frame {list(obs.shape)} differs from this stream's first frame "
                 f"{list(stream.frame_shape)}"
@@ -254,11 +256,9 @@ class StreamTable:
         except ServeError as err:
             return [err] * len(items)
         streams = [stream for _, stream, _ in items]
-        for stream, embedding, (_, _, obs) in zip(streams, visual, items):
+        for stream, embedding in zip(streams, visual):
             stream.append(embedding)
             stream.last_used = self.clock()
-            if obs.ndim == 3:
-                stream.frame_shape = obs.shape
         count = torch.tensor([s.length for s in streams], device=self.device)
         positions = sequence_positions(count, self.seq_len)
         windows = torch.stack([s.history[p] for s, p in zip(streams, positions)])
