@@ -87,7 +87,12 @@ class SynthConfig:
     output: str | None = None
     fps: int = 10  # LeRobot only: frames per second of the videos
     num_episodes: int = 80
-    failure_fraction: float = 0.3  # share of episodes that fail (stall, drop, move back)
+    failure_fraction: float = 0.3  # share of episodes that fail
+    # Failure modes the failures cycle through; empty = stall, drop, backward (the easy ones).
+    # The hard ones: wrong_target (carried fluently onto the tray, not into the pot) and
+    # stop_short (set down on the table just before the pot); both need `distractor`.
+    failure_modes: list[str] = field(default_factory=list)
+    distractor: bool = False  # a tray on the table between cube and pot, in every episode
     image_size: int = 64  # square side_cam / wrist_cam frames
     min_stage_frames: int = 8
     max_stage_frames: int = 20

@@ -271,3 +271,70 @@ def test_invalid_config_raises(tmp_path: Path, field: str, value: object) -> Non
 def test_unknown_failure_mode_raises() -> None:
     with pytest.raises(ValueError, match="failure_mode"):
         synthetic.make_episode(np.random.default_rng(0), SynthConfig(), "explode")
+
+
+# --------------------------------------------------------------------------- hard failures
+
+
+def tray_range(ep: dict) -> tuple[float, float]:
+    return ep["tray_x"] - ep["tray_width"] / 2, ep["tray_x"] + ep["tray_width"] / 2
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_wrong_target_is_the_expert_until_it_carries_the_cube_onto_the_tray(index: int) -> None:
+    success = episode("none", index, distractor=True)
+    wrong = episode("wrong_target", index, distractor=True)
+    assert success[ACTION_KEY].shape == wrong[ACTION_KEY].shape
+    # Same scene (tray included), same reach and grasp: frames equal until the carry starts.
+    grasped = int(wrong["stage_boundaries"][1])
+    np.testing.assert_array_equal(success["side_cam"][:grasped], wrong["side_cam"][:grasped])
+    left, right = success["pot_interior"]
+    tray_left, tray_right = tray_range(wrong)
+    end = wrong["cube_xy"][-1]
+    assert tray_left < end[0] < tray_right and not left < end[0] < right
+    assert end[1] < wrong["cube_xy"][0, 1] - 0.02  # resting on the tray, above the table
+    assert left < success["cube_xy"][-1, 0] < right  # the twin success still ends in the pot
+    x = cube_centroid_x(wrong["side_cam"][-1], wrong["cube_color"])  # and the pixels agree
+    assert tray_left < x < tray_right
+    # Fluent: the cube is held all the way (never dropped), lifted before it is set down.
+    assert wrong["cube_xy"][:, 1].min() < end[1] - 0.1
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_stop_short_sets_the_cube_down_just_before_the_pot(index: int) -> None:
+    ep = episode("stop_short", index, distractor=True)
+    left, _ = ep["pot_interior"]
+    pot_left = ep["pot_x"] - (ep["pot_x"] - left) - synthetic.POT_WALL
+    end = ep["cube_xy"][-1]
+    assert end[0] < pot_left  # outside the pot...
+    assert pot_left - end[0] < 0.12  # ...but close to its wall
+    assert end[0] > ep["tray_x"] + ep["tray_width"] / 2  # past the tray, on the table
+    assert end[1] == pytest.approx(ep["cube_xy"][0, 1], abs=1e-5)
+    assert list(ep["stage_boundaries"]) == list(episode("none", index)["stage_boundaries"][:2])
+
+
+def test_the_distractor_tray_sits_between_cube_and_pot_in_every_episode() -> None:
+    for index in range(8):
+        ep = episode("none", index, distractor=True)
+        tray_left, tray_right = tray_range(ep)
+        cube_right = ep["cube_xy"][0, 0] + 0.06
+        pot_left = ep["pot_interior"][0] - synthetic.POT_WALL
+        assert cube_right < tray_left and tray_right < pot_left, (index, tray_left, tray_right)
+        column = int(ep["tray_x"] * 64)  # SynthConfig's default 64 px
+        first = ep["side_cam"][0].astype(np.int16)
+        plain = synthetic.make_episode(np.random.default_rng([11, index]), SynthConfig(), "none")
+        without = plain["side_cam"][0].astype(np.int16)
+        assert np.abs(first[:, column] - without[:, column]).max() > 40  # the tray is drawn
+
+
+def test_failure_modes_are_chosen_in_config_and_hard_ones_need_the_tray() -> None:
+    cfg = small_config(num_episodes=8, failure_modes=["wrong_target", "stop_short"])
+    with pytest.raises(ValueError, match="synth.distractor"):
+        synthetic.validate_config(cfg)
+    cfg = small_config(
+        num_episodes=8, failure_modes=["wrong_target", "stop_short"], distractor=True
+    )
+    counts = Counter(synthetic.plan_failure_modes(cfg))
+    assert counts == {"none": 4, "wrong_target": 2, "stop_short": 2}
+    with pytest.raises(ValueError, match="failure_modes"):
+        synthetic.validate_config(small_config(failure_modes=["teleport"]))

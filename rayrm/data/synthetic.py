@@ -35,6 +35,18 @@ mode          what happens                                                      
               near where it started
 ============  ==================================================================  ==========
 
+Those three are easy: the motion itself looks wrong. ``synth.failure_modes`` chooses the
+modes the failures cycle through (empty: the three above), and two more are hard because the
+motion is the expert's own, fluent to the end; both need ``synth.distractor``, a flat tray on
+the table between cube and pot in every episode (drawn from a stream of its own, so the rest
+of the scene is the same with or without it):
+
+================  ==============================================================  ==========
+``wrong_target``  the expert's reach, grasp and arc, but the cube is set down on  2
+                  the tray; frames equal the successful twin's until stage 3
+``stop_short``    the same, set down on the table just before the pot's wall      2
+================  ==============================================================  ==========
+
 Several tasks (``synth.tasks``, a list of cube colours from :data:`CUBE_COLORS`): each
 episode shows one of them, told apart only by the cube's colour in the frames and by its
 prompt, "Put the <colour> cube in the pot." (``synth.prompt`` is then unused). Scene, stages
@@ -52,6 +64,7 @@ it does not depend on how many episodes come before it. Geometry is in image fra
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -87,7 +100,10 @@ LEROBOT_CAMERAS = {SIDE_CAM: "observation.images.side", WRIST_CAM: "observation.
 LEROBOT_SUCCESS_COLUMN = "success"
 NUM_STAGES = 4
 SUCCESS_MODE = "none"
-FAILURE_MODES = ("stall", "drop", "backward")
+FAILURE_MODES = ("stall", "drop", "backward")  # the default cycle (synth.failure_modes empty)
+HARD_FAILURE_MODES = ("wrong_target", "stop_short")
+ALL_FAILURE_MODES = (*FAILURE_MODES, *HARD_FAILURE_MODES)
+TRAY_HEIGHT = 0.045
 
 # Gripper shape (image fractions). Fingers are longer than the cube so they cover its sides.
 ARM_WIDTH = 0.05
@@ -126,6 +142,12 @@ class Layout:
     gripper_x0: float
     gripper_y0: float  # fingertip height at the start
     colors: dict[str, np.ndarray]  # float32 RGB per part
+    tray_x: float = 0.0  # distractor tray centre; width 0 = no tray
+    tray_width: float = 0.0
+
+    @property
+    def tray_top_y(self) -> float:
+        return self.table_y - TRAY_HEIGHT
 
     @property
     def cube_rest_y(self) -> float:
@@ -189,6 +211,16 @@ def validate_config(cfg: SynthConfig) -> None:
         ("tasks", len(set(cfg.tasks)) == len(cfg.tasks), "distinct"),
         ("format", cfg.format in SYNTH_FORMATS, f"one of {list(SYNTH_FORMATS)}"),
         ("fps", cfg.fps >= 1, ">= 1"),
+        (
+            "failure_modes",
+            all(m in ALL_FAILURE_MODES for m in cfg.failure_modes),
+            f"of {list(ALL_FAILURE_MODES)}",
+        ),
+        (
+            "failure_modes",
+            cfg.distractor or not set(cfg.failure_modes) & set(HARD_FAILURE_MODES),
+            "easy ones unless synth.distractor (the hard ones need the tray)",
+        ),
         # LeRobot's videos are yuv420p, which needs even frame sizes
         ("image_size", cfg.format != "lerobot" or cfg.image_size % 2 == 0, "even for lerobot"),
     ]
@@ -204,7 +236,8 @@ def plan_failure_modes(cfg: SynthConfig) -> list[str]:
     num_failures = int(np.floor(n * cfg.failure_fraction + 0.5))  # round half up
     modes = [SUCCESS_MODE] * n
     for k in range(num_failures):
-        modes[int((k + 0.5) * n / num_failures)] = FAILURE_MODES[k % len(FAILURE_MODES)]
+        cycle = cfg.failure_modes or FAILURE_MODES
+        modes[int((k + 0.5) * n / num_failures)] = cycle[k % len(cycle)]
     return modes
 
 
@@ -264,6 +297,30 @@ def sample_layout(rng: np.random.Generator, cube: str = DEFAULT_CUBE) -> Layout:
     )
 
 
+def add_tray(rng: np.random.Generator, layout: Layout) -> Layout:
+    """The distractor: a flat tray on the table between the cube and the pot. Drawn from its
+    own stream (``rng`` is not advanced), so a scene is the same with and without it, and
+    ``synth.distractor: false`` datasets stay byte for byte what they were."""
+    tray_rng = np.random.Generator(rng.bit_generator.jumped())
+    pot_left = layout.pot_x - layout.pot_width / 2
+    cube_right = layout.cube_x0 + layout.cube_size / 2
+    width = layout.cube_size + 0.03
+    # Room on the table between tray and pot for a stop-short cube (see hard_failure_motion).
+    low = cube_right + width / 2 + 0.01
+    high = pot_left - width / 2 - layout.cube_size - 0.05
+    # Scenes too tight for a tray between the two move the cube left to make room.
+    cube_x0 = layout.cube_x0 if low <= high else layout.cube_x0 - (low - high)
+    low = min(low, high)
+    colors = {**layout.colors, "tray": _jitter_color(tray_rng, (225, 130, 175), 10)}
+    return dataclasses.replace(
+        layout,
+        cube_x0=max(cube_x0, layout.cube_size / 2 + 0.01),
+        tray_x=float(tray_rng.uniform(low, high)),
+        tray_width=width,
+        colors=colors,
+    )
+
+
 def sample_stage_starts(rng: np.random.Generator, cfg: SynthConfig) -> tuple[np.ndarray, int]:
     """First frame of each of the K stages (starts[0] == 0) and the episode length T."""
     durations = rng.integers(cfg.min_stage_frames, cfg.max_stage_frames + 1, size=NUM_STAGES)
@@ -282,27 +339,64 @@ def eased(frames: np.ndarray, keys: list[tuple[float, float]]) -> np.ndarray:
     return values[idx] + weight * (values[idx + 1] - values[idx])
 
 
-def success_motion(rng: np.random.Generator, layout: Layout, starts: np.ndarray, T: int) -> Motion:
-    """Reach, grasp, move along an arc, place: the expert's gripper trajectory."""
+def carry_draws(rng: np.random.Generator) -> tuple[float, float]:
+    """The expert's two random choices: how high the arc rises, and a small x offset at the
+    destination (drawn in this order, as before the hard failure modes existed)."""
+    peak = rng.uniform(0.08, 0.13)
+    return float(peak), float(rng.uniform(-0.01, 0.01))
+
+
+def carry_motion(
+    layout: Layout,
+    starts: np.ndarray,
+    T: int,
+    draws: tuple[float, float],
+    dest_x: float,
+    floor_y: float,
+    release_gap: float,
+) -> Motion:
+    """Reach, grasp, move along an arc to ``dest_x``, lower the fingertips to ``floor_y``, open
+    to ``release_gap`` and rise: the expert's trajectory when the destination is the pot."""
     frames = np.arange(T, dtype=np.float64)
     b1, b2, b3 = (float(s) for s in starts[1:])
     end = float(T - 1)
     closed = b1 + 0.7 * (b2 - b1)  # fingers closed on the cube; the lift follows
     lowered, opened = b3 + 0.45 * (end - b3), b3 + 0.75 * (end - b3)
-    grasp_y, floor_y = layout.table_y, layout.pot_floor_y  # fingertips on table / pot floor
+    grasp_y = layout.table_y  # fingertips on the table
     lift_y = grasp_y - 0.06
     above_pot_y = layout.table_y - layout.pot_height - 0.03
-    peak_y = min(lift_y, above_pot_y) - rng.uniform(0.08, 0.13)
-    cube_x, pot_x = layout.cube_x0, layout.pot_x + rng.uniform(-0.01, 0.01)
+    peak_y = min(lift_y, above_pot_y) - draws[0]
+    cube_x, dest_x = layout.cube_x0, dest_x + draws[1]
     # x arrives over the cube before y reaches it, so the fingers come down around the cube.
-    x_keys = [(0, layout.gripper_x0), (0.7 * b1, cube_x), (b2, cube_x), (b3, pot_x)]
+    x_keys = [(0, layout.gripper_x0), (0.7 * b1, cube_x), (b2, cube_x), (b3, dest_x)]
     y_keys = [(0, layout.gripper_y0), (b1, grasp_y), (closed, grasp_y), (b2, lift_y)]
     y_keys += [((b2 + b3) / 2, peak_y), (b3, above_pot_y), (lowered, floor_y), (opened, floor_y)]
     y_keys += [(end, floor_y - 0.12)]
     gap_keys = [(0, layout.open_gap), (b1, layout.open_gap), (closed, layout.cube_size)]
-    gap_keys += [(lowered, layout.cube_size), (opened, layout.place_gap)]
+    gap_keys += [(lowered, layout.cube_size), (opened, release_gap)]
     attached = (frames >= closed) & (frames <= lowered)
     return Motion(eased(frames, x_keys), eased(frames, y_keys), eased(frames, gap_keys), attached)
+
+
+def success_motion(rng: np.random.Generator, layout: Layout, starts: np.ndarray, T: int) -> Motion:
+    """Reach, grasp, move along an arc, place in the pot: the expert's gripper trajectory."""
+    draws = carry_draws(rng)
+    return carry_motion(
+        layout, starts, T, draws, layout.pot_x, layout.pot_floor_y, layout.place_gap
+    )
+
+
+def hard_failure_motion(
+    layout: Layout, starts: np.ndarray, T: int, draws: tuple[float, float], mode: str
+) -> Motion:
+    """The expert's own fluent motion with another destination: ``wrong_target`` sets the cube
+    on the tray, ``stop_short`` on the table just before the pot's wall."""
+    if mode == "wrong_target":
+        return carry_motion(
+            layout, starts, T, draws, layout.tray_x, layout.tray_top_y, layout.open_gap
+        )
+    short_x = layout.pot_x - layout.pot_width / 2 - layout.cube_size / 2 - 0.03
+    return carry_motion(layout, starts, T, draws, short_x, layout.table_y, layout.open_gap)
 
 
 def stall_motion(rng: np.random.Generator, expert: Motion, stop: int) -> Motion:
@@ -362,7 +456,9 @@ def cube_track(layout: Layout, motion: Motion) -> np.ndarray:
             x, y, vy = float(motion.x[t]), float(motion.y[t]) - half, 0.0
         else:
             in_pot = left <= x - half and x + half <= right
-            support = (layout.pot_floor_y if in_pot else layout.table_y) - half
+            on_tray = layout.tray_width > 0 and abs(x - layout.tray_x) <= layout.tray_width / 2
+            floor = layout.pot_floor_y if in_pot else layout.tray_top_y if on_tray else None
+            support = (layout.table_y if floor is None else floor) - half
             vy += GRAVITY
             y = min(y + vy, support)
             vy = 0.0 if y >= support else vy
@@ -391,6 +487,12 @@ def draw_background(layout: Layout, size: int) -> np.ndarray:
     _fill(img, left, top, left + POT_WALL, layout.table_y, pot)
     _fill(img, right - POT_WALL, top, right, layout.table_y, pot)
     _fill(img, left, layout.pot_floor_y, right, layout.table_y, pot)
+    if layout.tray_width > 0:
+        half = layout.tray_width / 2
+        tray = layout.colors["tray"]
+        _fill(
+            img, layout.tray_x - half, layout.tray_top_y, layout.tray_x + half, layout.table_y, tray
+        )
     return img
 
 
@@ -465,9 +567,17 @@ def plan_motion(
     rng: np.random.Generator, layout: Layout, starts: np.ndarray, T: int, failure_mode: str
 ) -> tuple[Motion, np.ndarray]:
     """Gripper motion for the mode and the stage boundaries it actually reaches."""
-    motion = success_motion(rng, layout, starts, T)
+    draws = carry_draws(rng)
+    motion = carry_motion(
+        layout, starts, T, draws, layout.pot_x, layout.pot_floor_y, layout.place_gap
+    )
     boundaries = starts[1:]
-    if failure_mode == "stall":
+    if failure_mode in HARD_FAILURE_MODES:  # reached the cube and carried it, to elsewhere
+        motion, boundaries = (
+            hard_failure_motion(layout, starts, T, draws, failure_mode),
+            starts[1:3],
+        )
+    elif failure_mode == "stall":
         stage = int(rng.integers(1, 3))  # 0-based: stage 2 or 3
         stop = int(rng.integers(starts[stage] + 1, starts[stage + 1]))
         motion, boundaries = stall_motion(rng, motion, stop), starts[1 : stage + 1]
@@ -494,11 +604,15 @@ def make_episode(
     ``failure_mode`` and ``cube`` colour, so a failure can be compared frame by frame with its
     successful twin, and one task with another."""
     validate_config(cfg)
-    if failure_mode not in (SUCCESS_MODE, *FAILURE_MODES):
+    if failure_mode not in (SUCCESS_MODE, *ALL_FAILURE_MODES):
         raise ValueError(f"unknown failure_mode {failure_mode!r}")
+    if failure_mode in HARD_FAILURE_MODES and not cfg.distractor:
+        raise ValueError(f"failure_mode {failure_mode!r} needs synth.distractor (the tray)")
     if cube not in CUBE_COLORS:
         raise ValueError(f"unknown cube colour {cube!r}; one of {list(CUBE_COLORS)}")
     layout = sample_layout(rng, cube)
+    if cfg.distractor:
+        layout = add_tray(rng, layout)
     starts, T = sample_stage_starts(rng, cfg)
     motion, boundaries = plan_motion(rng, layout, starts, T, failure_mode)
     cube_xy = cube_track(layout, motion)
@@ -516,6 +630,8 @@ def make_episode(
         "cube_xy": cube_xy.astype(np.float32),
         "pot_x": float(layout.pot_x),
         "pot_interior": layout.pot_interior,
+        "tray_x": float(layout.tray_x),  # 0 without synth.distractor
+        "tray_width": float(layout.tray_width),
         "cube_color": layout.colors["cube"].round().astype(np.uint8),
     }
 
