@@ -16,8 +16,8 @@ import pytest
 import ray
 import requests
 from _local_ray import free_port
+from _serve_helpers import offline
 from ray import serve
-from test_serve_streams import offline
 
 from rayrm.cli import main
 from rayrm.config import Config, ServeConfig

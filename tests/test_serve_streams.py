@@ -10,9 +10,9 @@ import json
 
 import numpy as np
 import pytest
+from _serve_helpers import offline
 
 from rayrm.config import ConfigError, ServeConfig, load_config
-from rayrm.evaluate.scorer import RewardScorer
 from rayrm.serve.errors import (
     BadRequestError,
     ServerFullError,
@@ -36,17 +36,6 @@ def checkpoint(request, tmp_path_factory):
 def _episodes(seed=0):
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 256, (n, 24, 24, 3), dtype=np.uint8) for n in LENGTHS]
-
-
-def offline(checkpoint, frames, prompt):
-    """(rewards, stages) of RewardScorer stepping one environment frame by frame."""
-    scorer = RewardScorer.from_checkpoint(checkpoint, "cpu")
-    scorer.reset(prompt)
-    rewards, stages = [], []
-    for frame in frames:
-        rewards.append(float(scorer.step(frame[None])[0]))
-        stages.append(None if scorer.last_stage is None else int(scorer.last_stage[0]))
-    return rewards, stages
 
 
 def _table(checkpoint, **limits) -> StreamTable:
