@@ -80,6 +80,7 @@ def write_shards(path: str, n_episodes: int, mean_frames: int) -> None:
         "stage_boundaries": [[] for _ in range(n_episodes)],
         "visual_embedding": [rng.standard_normal(t * VISUAL_DIM, np.float32) for t in lengths],
         "language_embedding": [rng.standard_normal(LANGUAGE_DIM, np.float32)] * n_episodes,
+        "failure_mode": [None] * n_episodes,
     }
     table = pa.Table.from_pydict(rows, schema=schema.EPISODE_SCHEMA)
     manifest = {"backbone": {"name": "bench-random"}, "visual_dim": VISUAL_DIM}

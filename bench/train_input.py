@@ -75,6 +75,7 @@ def write_folder(path: str, episodes: list[np.ndarray]) -> None:
         "stage_boundaries": [[] for _ in episodes],
         "visual_embedding": [e.ravel() for e in episodes],
         "language_embedding": [np.zeros(LANG_DIM, np.float32) for _ in episodes],
+        "failure_mode": [None] * len(episodes),
     }
     table = pa.Table.from_pydict(rows, schema=schema.EPISODE_SCHEMA)
     write_episode_folder(path, table, {"visual_dim": DIM, "language_dim": LANG_DIM})

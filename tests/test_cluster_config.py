@@ -77,6 +77,7 @@ def test_setup_installs_pyprojects_dependencies(cluster):
     the one installed; the only extra pin is Ray's, inside pyproject's range and equal to
     the Ray this laptop runs (the job CLI and the cluster must match)."""
     import tomllib  # Python >= 3.11, as pyproject requires
+
     installs = setup_pip_installs(cluster)
     mounted = {remote for remote, local in cluster["file_mounts"].items() if local == "."}
     assert mounted & set(installs), (cluster["file_mounts"], installs)

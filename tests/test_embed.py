@@ -55,6 +55,7 @@ def hdf5_episodes(path: str, camera: str = "side_cam") -> dict[str, dict]:
                 "prompt": group.attrs.get("prompt", f.attrs.get("prompt")),
                 "success": bool(group.attrs["success"]),
                 "stage_boundaries": [int(b) for b in group.attrs["stage_boundaries"]],
+                "failure_mode": str(group.attrs["failure_mode"]),
             }
             for name, group in f.items()
         }
@@ -71,6 +72,7 @@ def test_one_row_per_episode_with_all_its_frames(tiny_run):
         T = raw[episode_id]["frames"].shape[0]
         assert row["num_frames"] == T
         assert row["source_file"] == os.path.abspath(tiny_run.embed.input)
+        assert row["failure_mode"] == raw[episode_id]["failure_mode"]  # for per-mode metrics
         assert len(row["visual_embedding"]) == T * tiny_run.backbone.visual_dim
 
 

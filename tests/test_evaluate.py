@@ -126,6 +126,16 @@ def test_metrics_for_every_curve_kind_beside_the_blind_control(sarm_eval):
     assert found["causal_max_abs_diff"] < 1e-5
     rows = json.load(open(os.path.join(cfg.evaluate.output, "curves.json")))
     assert sorted(set(rows["source_episode"])) == VAL_IDS
+    # Per failure mode, recomputed from the curves: successes against that mode's failures.
+    episodes = [i for i, kind in enumerate(rows["kind"]) if kind == "episode"]
+    modes = {rows["failure_mode"][i] for i in episodes if rows["success"][i] is False}
+    assert modes and None not in modes
+    for mode in modes:
+        chosen = [i for i in episodes if rows["success"][i] or rows["failure_mode"][i] == mode]
+        expected = metrics.auroc(
+            [rows["prefix"][i][-1] for i in chosen], [rows["success"][i] for i in chosen]
+        )
+        assert found["curves"]["prefix"][f"auroc_vs_{mode}"] == pytest.approx(expected)
     # The blind control sees zeros: its curve depends on the episode length only.
     blind = result.blind_rows
     by_length = {}

@@ -64,6 +64,7 @@ def brute_force_auroc(scores, positive):
 
 def test_auroc_matches_pairwise_count_and_sklearn():
     from sklearn.metrics import roc_auc_score  # a dev dependency: never skipped
+
     rng = np.random.default_rng(2)
     for size in (2, 5, 40):
         for _ in range(5):

@@ -147,3 +147,25 @@ def test_mp4_decodes_to_the_frame_count(tmp_path):
     assert count_mp4_frames(path) == 7
     with pytest.raises(ValueError, match="no frames"):
         write_mp4(str(tmp_path / "none.mp4"), [])
+
+
+def test_auroc_per_failure_mode_by_hand():
+    """Two successes (final 0.9, 0.5); wrong-target failures end high (0.8, 0.95), stalls low
+    (0.1, 0.2). Pooled AUROC 5/8 hides that wrong targets are ranked above successes."""
+    finals = {"s1": 0.9, "s2": 0.5, "w1": 0.8, "w2": 0.95, "t1": 0.1, "t2": 0.2}
+    modes = {"s1": None, "s2": None, "w1": "wrong_target", "w2": "wrong_target"}
+    rows = {
+        "kind": ["episode"] * 6,
+        "success": [e.startswith("s") for e in finals],
+        "failure_mode": [modes.get(e, "stall") for e in finals],
+        "stage_boundaries": [[3, 6, 9]] * 6,
+        "true_progress": [[0.5, 1.0] if e.startswith("s") else [] for e in finals],
+        "turn": [-1] * 6,
+    }
+    for kind in CURVE_KINDS:
+        rows[kind] = [[0.0, value] for value in finals.values()]
+    found = all_metrics(rows, num_stages=4, sarm=False)["prefix"]
+    assert found["auroc_success_vs_failure"] == pytest.approx(5 / 8)
+    assert found["auroc_vs_stall"] == 1.0
+    assert found["auroc_vs_wrong_target"] == pytest.approx(1 / 4)  # only 0.9 > 0.8 of 4 pairs
+    assert found["num_failure_wrong_target"] == 2 and found["num_failure_stall"] == 2

@@ -176,6 +176,7 @@ def _episode_columns(infos: list[Any], language: dict[str, np.ndarray]) -> dict[
         "success": [i.success for i in infos],
         "stage_boundaries": [list(i.stage_boundaries) for i in infos],
         "language_embedding": [np.asarray(language[i.prompt], np.float32) for i in infos],
+        "failure_mode": [i.failure_mode for i in infos],
     }
 
 

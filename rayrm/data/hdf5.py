@@ -29,7 +29,7 @@ import glob
 import logging
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import h5py
 import numpy as np
@@ -56,6 +56,8 @@ class EpisodeInfo:
     prompt: str
     success: bool | None
     stage_boundaries: tuple[int, ...]
+    # Why a failed episode failed (the ``failure_mode`` attribute), for per-mode metrics.
+    failure_mode: str | None = field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -224,6 +226,7 @@ def _check_episode(
     if not prompt or not isinstance(prompt, str):
         problem(schema.ATTR_PROMPT, "no prompt attribute and no embed.prompt given")
     success = _attr(group, schema.ATTR_SUCCESS)
+    failure_mode = _attr(group, schema.ATTR_FAILURE_MODE)
     boundaries = _stage_boundaries(group, num_frames, problem)
     if problems:
         return problems
@@ -235,6 +238,7 @@ def _check_episode(
         prompt=prompt,
         success=None if success is None else bool(success),
         stage_boundaries=boundaries,
+        failure_mode=str(failure_mode) if failure_mode is not None else None,
     )
 
 

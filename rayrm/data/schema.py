@@ -137,6 +137,8 @@ column                   Arrow type              meaning
 ``success``              bool (nullable)         episode attribute, null when unknown
 ``stage_boundaries``     list<int32>             ground-truth stage starts (may be empty)
 ``language_embedding``   list<float32>           [D_lang], empty for backbones without one
+``failure_mode``         string (nullable)       episode attribute (why it failed), null when
+                                                 unknown; absent in folders made before it
 ``chunk_file``           list<string>            chunk files, relative to the folder
 ``chunk_row_group``      list<int32>             row group of each chunk in its file
 ``chunk_start``          list<int32>             first frame of each chunk (increasing)
@@ -223,6 +225,7 @@ _EPISODE_FIELDS = [
     pa.field("success", pa.bool_(), nullable=True),
     pa.field("stage_boundaries", pa.list_(pa.int32()), nullable=False),
     pa.field("language_embedding", pa.list_(pa.float32()), nullable=False),
+    pa.field("failure_mode", pa.string(), nullable=True),
 ]
 CHUNK_LOCATION_FIELDS = [
     pa.field("chunk_file", pa.list_(pa.string()), nullable=False),

@@ -255,6 +255,7 @@ class EpisodeBatch:
     # SARM labels per frame, flat like ``visual``; -1 / NaN where an episode has none.
     stage: np.ndarray | None = None  # int64 [sum T]
     subtask: np.ndarray | None = None  # float32 [sum T]
+    failure_modes: list[str | None] | None = None  # when the folder records them
 
     @property
     def lengths(self) -> np.ndarray:
@@ -301,6 +302,11 @@ def episodes_from_table(table: pa.Table, where: str = "shards") -> EpisodeBatch:
         prompts=table.column("prompt").to_pylist(),
         stage=stage,
         subtask=subtask,
+        failure_modes=(
+            table.column("failure_mode").to_pylist()
+            if "failure_mode" in table.column_names
+            else None
+        ),
     )
 
 
@@ -328,6 +334,9 @@ def select_episodes(batch: EpisodeBatch, keep: np.ndarray) -> EpisodeBatch:
         prompts=[batch.prompts[i] for i in idx],
         stage=None if batch.stage is None else _take_frames(batch, idx, batch.stage),
         subtask=None if batch.subtask is None else _take_frames(batch, idx, batch.subtask),
+        failure_modes=None
+        if batch.failure_modes is None
+        else [batch.failure_modes[i] for i in idx],
     )
 
 

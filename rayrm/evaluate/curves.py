@@ -55,6 +55,7 @@ CURVE_SCHEMA = pa.schema(
         ("source_file", pa.string()),
         ("prompt", pa.string()),  # the episode's instruction: its task
         ("success", pa.bool_()),
+        ("failure_mode", pa.string()),  # why a failure failed, when the data says
         ("num_frames", pa.int32()),
         ("frame_index", pa.list_(pa.int32())),  # frame of the recorded episode at each step
         ("turn", pa.int32()),  # rewound: step of the turnaround; -1 otherwise
@@ -225,6 +226,9 @@ class ModelCurves:
             "source_file": sources[i],
             "prompt": batch.prompts[i],
             "success": None if episode.kind == "rewound" else batch.success[i],
+            "failure_mode": None
+            if episode.kind == "rewound" or batch.failure_modes is None
+            else batch.failure_modes[i],
             "num_frames": len(order),
             "frame_index": order,
             "turn": episode.turn,

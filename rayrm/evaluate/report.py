@@ -17,6 +17,9 @@ metric                         meaning
 ``rank_mean_<group>``          mean value over frames ("mean reward") of each group
 ``rank_*_ordered``             those means decrease success > partial > failure
 ``rank_*_pair_accuracy``       share of cross-group episode pairs ranked in that order
+``auroc_vs_<mode>``            AUROC of the final value, successes vs the failures of one
+                               failure mode (the episodes' ``failure_mode``; e.g.
+                               ``auroc_vs_wrong_target``), with ``num_failure_<mode>``
 ``rewind_voc_after_turn``      rewound: mean VOC after the turnaround (-1 ideal)
 ``rewind_fall_rate``           rewound: share whose last value is below the turnaround value
 ``rewind_drop_mean``           rewound: mean of value at the turnaround - last value
@@ -89,6 +92,23 @@ def _episode_metrics(rows: dict, kind: str, episodes: list[int], num_stages: int
     }
     out.update(_ranking([float(c[-1]) for c in curves], groups, "final"))
     out.update(_ranking([float(c.mean()) for c in curves], groups, "mean"))
+    out.update(failure_mode_metrics(rows, kind, episodes))
+    return out
+
+
+def failure_mode_metrics(rows: dict, kind: str, episodes: list[int]) -> dict:
+    """Per failure mode: AUROC of the successes against that mode's failures alone, so an
+    easy mode cannot hide a hard one in the pooled AUROC."""
+    modes = rows.get("failure_mode") or [None] * len(rows["success"])
+    final = {i: float(np.asarray(rows[kind][i])[-1]) for i in episodes}
+    successes = [final[i] for i in episodes if rows["success"][i] is not False]
+    out = {}
+    for mode in sorted({modes[i] for i in episodes if rows["success"][i] is False} - {None}):
+        failed = [final[i] for i in episodes if rows["success"][i] is False and modes[i] == mode]
+        scores = successes + failed
+        labels = [True] * len(successes) + [False] * len(failed)
+        out[f"auroc_vs_{mode}"] = metrics.auroc(scores, labels)
+        out[f"num_failure_{mode}"] = len(failed)
     return out
 
 

@@ -105,7 +105,8 @@ def _episode_ids(cfg: Config, checkpoint_config: dict) -> list[str] | None:
 
 def _shard_dataset(embeddings: str, ids: list[str]) -> ray.data.Dataset:
     present = EpisodeReader(embeddings).columns()
-    extra = [c for c in ("source_file", *schema.STAGE_COLUMNS) if c in present]
+    optional = ("source_file", "failure_mode", *schema.STAGE_COLUMNS)
+    extra = [c for c in optional if c in present]
     return episode_dataset(embeddings, ids, columns=schema.TRAIN_COLUMNS + extra)
 
 
@@ -484,7 +485,9 @@ def metrics_lines(model: dict, blind: dict | None, instruction: dict | None = No
     lines = [f"{'':42s} {'model':>8s} {'blind':>8s}"]
     for kind in model:
         lines.append(f"-- {kind} curves")
-        for label, key in KEY_METRICS:
+        modes = [k for k in model[kind] if k.startswith("auroc_vs_")]
+        labels = [(f"  AUROC vs {k.removeprefix('auroc_vs_')} failures", k) for k in modes]
+        for label, key in [*KEY_METRICS[:2], *labels, *KEY_METRICS[2:]]:
             if key not in model[kind]:
                 continue
             b = blind[kind].get(key) if blind else None
