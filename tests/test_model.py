@@ -244,3 +244,60 @@ def test_loading_a_folder_without_config_is_a_clear_error(tmp_path):
         load_model(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_model(str(tmp_path / "missing"))
+
+
+# --------------------------------------------------------------------------- SARM heads
+
+
+def sarm_model() -> RewardTransformer:
+    torch.manual_seed(0)
+    model = RewardTransformer(tiny_config(num_stages=4, dropout=0.0), VISUAL_DIM, LANGUAGE_DIM)
+    model.set_stage_priors(torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    return model.eval()
+
+
+def test_sarm_progress_is_cumulative_prior_plus_prior_times_subtask():
+    model = sarm_model()
+    assert model.cumulative_prior.tolist() == pytest.approx([0.0, 0.1, 0.3, 0.6])  # exclusive
+    out = model(*inputs(), return_all=True)
+    stage = out.stage
+    by_hand = (
+        torch.tensor([0.0, 0.1, 0.3, 0.6])[stage]
+        + torch.tensor([0.1, 0.2, 0.3, 0.4])[stage] * out.subtask
+    )
+    torch.testing.assert_close(out.progress, by_hand)
+    # A given stage conditions the subtask head, and the formula uses that stage.
+    given = torch.full_like(stage, 2)
+    forced = model(
+        *inputs(), stage=given, use_given_stage=torch.ones(3, dtype=torch.bool), return_all=True
+    )
+    assert (forced.stage == 2).all()
+    torch.testing.assert_close(forced.progress, 0.3 + 0.3 * forced.subtask)
+
+
+def test_stage_logits_are_raw_and_the_loss_is_cross_entropy_plus_mse():
+    from rayrm.train.loop import Inputs, window_loss
+
+    model = sarm_model()
+    visual, language = inputs()
+    out = model(visual, language, return_all=True)
+    # Logits, not probabilities: rows do not sum to 1 and take negative values.
+    sums = out.stage_logits.sum(-1)
+    assert not torch.allclose(sums, torch.ones_like(sums))
+    assert (out.stage_logits < 0).any()
+    g = torch.Generator().manual_seed(3)
+    stage = torch.randint(0, 4, (3, SEQ_LEN), generator=g)
+    subtask = torch.rand(3, SEQ_LEN, generator=g)
+    batch = Inputs(
+        visual=visual,
+        language=language,
+        progress=torch.zeros(3, SEQ_LEN),
+        stage=stage,
+        subtask=subtask,
+    )
+    loss, got = window_loss(model, batch, gt_stage_prob=1.0)  # every row on the true stage
+    expected = torch.nn.functional.cross_entropy(
+        got.stage_logits.flatten(0, 1), stage.flatten()
+    ) + torch.nn.functional.mse_loss(got.subtask, subtask)
+    torch.testing.assert_close(loss, expected)
+    assert (got.stage == stage).all()  # the subtask head saw the true stages
