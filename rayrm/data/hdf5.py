@@ -309,7 +309,9 @@ def _by_file(episodes: list[EpisodeInfo]) -> Iterator[tuple[str, list[EpisodeInf
         yield file, [e for e in episodes if e.source_file == file]
 
 
-def _columns(info: EpisodeInfo, start: int, frames: np.ndarray) -> dict[str, np.ndarray]:
+def frame_columns(info: EpisodeInfo, start: int, frames: np.ndarray) -> dict[str, np.ndarray]:
+    """The columns of a block of frames (one layout for every episode source): frames
+    ``start`` .. of ``info``'s episode."""
     n = len(frames)
     return {
         "episode_id": np.full(n, info.episode_id, dtype=object),
@@ -339,7 +341,7 @@ class _BlockPacker:
             n = min(self.size - self.filled, info.num_frames - start)
             dest = np.s_[self.filled : self.filled + n]
             frames.read_direct(self.buffer, np.s_[start : start + n], dest)
-            self.parts.append(_columns(info, start, self.buffer[dest]))
+            self.parts.append(frame_columns(info, start, self.buffer[dest]))
             self.filled += n
             start += n
             if self.filled == self.size:
@@ -420,19 +422,8 @@ class HDF5EpisodeDatasource(Datasource):
         return sum(e.num_frames * int(np.prod(e.frame_shape)) for e in self.episodes)
 
     def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-        n_tasks = max(1, min(parallelism if parallelism > 0 else 1, len(self.episodes)))
-        tasks = []
-        for group in _balanced_groups(self.episodes, n_tasks):
-            metadata = BlockMetadata(
-                num_rows=sum(e.num_frames for e in group),
-                size_bytes=sum(e.num_frames * int(np.prod(e.frame_shape)) for e in group),
-                input_files=sorted({e.source_file for e in group}),
-                exec_stats=None,
-            )
-            tasks.append(
-                ReadTask(self._read_fn(group), metadata, per_task_row_limit=per_task_row_limit)
-            )
-        return tasks
+        groups = _balanced_groups(self.episodes, task_count(parallelism, len(self.episodes)))
+        return episode_read_tasks(groups, self._read_fn, per_task_row_limit)
 
     def _read_fn(self, group: list[EpisodeInfo]):
         camera, frames_per_block = self.camera, self.frames_per_block
@@ -442,6 +433,26 @@ class HDF5EpisodeDatasource(Datasource):
                 yield BlockAccessor.batch_to_block(batch)
 
         return read
+
+
+def task_count(parallelism: int, num_episodes: int) -> int:
+    """Read tasks for Ray Data's requested ``parallelism`` (-1: one), at most one per episode."""
+    return max(1, min(parallelism if parallelism > 0 else 1, num_episodes))
+
+
+def episode_read_tasks(groups: list[list[EpisodeInfo]], read_fn, per_task_row_limit=None):
+    """One ``ReadTask`` per group of episodes, with its rows, bytes and files as metadata;
+    ``read_fn(group)`` makes the task's function. Shared by the HDF5 and LeRobot sources."""
+    tasks = []
+    for group in groups:
+        metadata = BlockMetadata(
+            num_rows=sum(e.num_frames for e in group),
+            size_bytes=sum(e.num_frames * int(np.prod(e.frame_shape)) for e in group),
+            input_files=sorted({e.source_file for e in group}),
+            exec_stats=None,
+        )
+        tasks.append(ReadTask(read_fn(group), metadata, per_task_row_limit=per_task_row_limit))
+    return tasks
 
 
 def _balanced_groups(episodes: list[EpisodeInfo], n_groups: int) -> list[list[EpisodeInfo]]:

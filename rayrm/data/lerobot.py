@@ -28,11 +28,17 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from ray.data import Datasource, ReadTask
-from ray.data.block import BlockAccessor, BlockMetadata
+from ray.data import Datasource
+from ray.data.block import BlockAccessor
 
 from rayrm.data import mp4, schema, storage
-from rayrm.data.hdf5 import EpisodeInfo, EpisodeProblem
+from rayrm.data.hdf5 import (
+    EpisodeInfo,
+    EpisodeProblem,
+    episode_read_tasks,
+    frame_columns,
+    task_count,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -273,16 +279,6 @@ def _check_video(fact: mp4.VideoFacts, feature: dict, end: float, problem, camer
 # --------------------------------------------------------------------------- reading frames
 
 
-def _columns(info: EpisodeInfo, start: int, frames: np.ndarray) -> dict[str, np.ndarray]:
-    n = len(frames)
-    return {
-        "episode_id": np.full(n, info.episode_id, dtype=object),
-        "frame_index": np.arange(start, start + n, dtype=np.int32),
-        "prompt": np.full(n, info.prompt, dtype=object),
-        "frame": frames,
-    }
-
-
 class _FramePacker:
     """Copies decoded frames into fixed-size block buffers, episode after episode."""
 
@@ -323,7 +319,7 @@ class _FramePacker:
         if self.filled:
             pieces, offset = [], 0
             for info, first, n in self.parts:
-                pieces.append(_columns(info, first, self.buffer[offset : offset + n]))
+                pieces.append(frame_columns(info, first, self.buffer[offset : offset + n]))
                 offset += n
             block = {
                 key: np.concatenate([p[key] for p in pieces])
@@ -380,19 +376,8 @@ class LeRobotEpisodeDatasource(Datasource):
         return sum(e.num_frames * int(np.prod(e.frame_shape)) for e in self.episodes)
 
     def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-        n_tasks = max(1, min(parallelism if parallelism > 0 else 1, len(self.episodes)))
-        tasks = []
-        for group in _file_groups(self.episodes, n_tasks):
-            metadata = BlockMetadata(
-                num_rows=sum(e.num_frames for e in group),
-                size_bytes=sum(e.num_frames * int(np.prod(e.frame_shape)) for e in group),
-                input_files=sorted({e.source_file for e in group}),
-                exec_stats=None,
-            )
-            tasks.append(
-                ReadTask(self._read_fn(group), metadata, per_task_row_limit=per_task_row_limit)
-            )
-        return tasks
+        groups = _file_groups(self.episodes, task_count(parallelism, len(self.episodes)))
+        return episode_read_tasks(groups, self._read_fn, per_task_row_limit)
 
     def _read_fn(self, group: list[LeRobotEpisodeInfo]):
         frames_per_block = self.frames_per_block
