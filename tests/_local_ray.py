@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
+NO_AGENT = "No available agent to submit job"
+AGENT_WAIT_S = 120
 PORT_FLAGS = (
     "port",
     "dashboard-port",
@@ -146,9 +148,18 @@ class LocalRayCluster:
         )
 
     def submit(self, submission_id: str, *entrypoint: str, working_dir: str | None = "."):
-        """``ray job submit --working-dir .``: waits for the job and streams its log."""
+        """``ray job submit --working-dir .``: waits for the job and streams its log.
+
+        The dashboard answers before its job agent has registered (slower with Ray Serve's
+        dashboard modules installed, and on a loaded machine); Ray then refuses the submission
+        with "No available agent", and nothing was submitted, so it is tried again."""
         upload = ["--working-dir", working_dir] if working_dir else []
-        return self.job("submit", "--submission-id", submission_id, *upload, "--", *entrypoint)
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            done = self.job("submit", "--submission-id", submission_id, *upload, "--", *entrypoint)
+            if NO_AGENT not in done.stderr or time.monotonic() > deadline:
+                return done
+            time.sleep(2)
 
     def job_status(self, submission_id: str) -> str:
         """The job's status word (SUCCEEDED, FAILED, ...), from the job REST API."""
