@@ -28,7 +28,9 @@ def ray_session():
     os.environ.update(session_server().env())
     # 4 logical CPUs on a 2-core machine: Train workers, the embedding actor and read tasks
     # must all fit at once, or Ray Data waits forever for a free CPU (ray#44687).
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # address="local": a new Ray of our own, never one that another run on this machine left
+    # in /tmp/ray/ray_current_cluster (a killed multi-node test leaves a stale one there).
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield
