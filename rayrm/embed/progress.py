@@ -49,7 +49,10 @@ class Progress:
 
     def log(self, now: float | None = None) -> None:
         now = now or time.perf_counter()
-        rate = self.frames / max(now - (self.first or now), 1e-9)
+        # Since the start, start-up included: results may arrive in a few large batches
+        # (score's raw input waits for a per-episode groupby), and a rate since the first
+        # of them would be meaningless then.
+        rate = self.frames / max(now - self.start, 1e-9)
         left = self.total_frames - self.frames
         eta = _duration(left / rate) if rate > 0 else "?"
         logger.info(
