@@ -261,7 +261,7 @@ class EvaluateConfig:
 
 @dataclass
 class ScoreConfig:
-    """Per-frame rewards of a whole dataset in one Parquet file (``rayrm score``)."""
+    """Per-frame rewards of a whole dataset (``rayrm score``; layout in ``rayrm.data.schema``)."""
 
     checkpoint: str | None = None  # default: best checkpoint of <workdir>/train
     # Raw episodes (HDF5, or a LeRobot v3 root: its index / episode_index are used) embedded
@@ -270,10 +270,22 @@ class ScoreConfig:
     embeddings: str | None = None  # default embed.output
     # Scoring the embeddings of a LeRobot v3 dataset: its root, for index / episode_index
     dataset: str | None = None
-    output: str | None = None  # Parquet file; default <workdir>/score/rewards.parquet
+    # Raw input: the camera (HDF5 dataset or LeRobot key, e.g. observation.images.top);
+    # default evaluate.camera, else the camera of the checkpoint's embeddings
+    camera: str | None = None
+    # A folder: rewards.parquet (LeRobot's progress_path) and its manifest; default
+    # <workdir>/score. A rerun on an unfinished one resumes it.
+    output: str | None = None
     rabc_chunk: int = 0  # > 0: RA-BC weights, progress delta over this many frames
     rabc_kappa: float = 0.01  # RA-BC hard threshold (LeRobot's default)
     batch_size: int = 256  # prefixes per forward pass
+    episodes_per_part: int = 16  # episodes per actor call, and per committed part file
+    num_actors: int = 0  # scoring actors; 0 = one per GPU left by embedding (one on CPU)
+    num_gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    num_cpus_per_actor: float = 0.0
+    torch_threads: int = 0  # intra-op threads per scoring actor; 0 = torch's default
+    max_actor_restarts: int = 4  # per actor, and retries per call; -1 = unlimited
+    progress_every_s: float = 30.0  # seconds between progress log lines
     overwrite: bool = False
 
 
@@ -491,7 +503,7 @@ def resolve_paths(cfg: Config) -> Config:
     out.score = dataclasses.replace(
         cfg.score,
         embeddings=cfg.score.embeddings or out.embed.output,
-        output=cfg.score.output or f"{work}/score/rewards.parquet",
+        output=cfg.score.output or f"{work}/score",
     )
     out.annotate = dataclasses.replace(
         cfg.annotate,

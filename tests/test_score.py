@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from _eval_helpers import make_checkpoint
@@ -18,16 +19,21 @@ from conftest import make_config
 from rayrm.data import schema
 from rayrm.embed import run_embed
 from rayrm.evaluate.scorer import RewardScorer
+from rayrm.score.frames import Placement, frame_rows, hdf5_placement, with_rabc
+from rayrm.score.ledger import PART_RECORD_SCHEMA, PartLedger, ScoreResumeError
 from rayrm.score.rabc import rabc_weights
-from rayrm.score.run import frame_table, hdf5_placement, run_score
+from rayrm.score.run import run_score
 
 
-def _curves(rows: list[dict]) -> dict[str, list]:
-    names = ["episode_id", "kind", "frame_index", "causal", "prefix", "causal_stage_pred"]
-    return {n: [r[n] for r in rows] for n in names}
+def _curves(rows: list[dict]) -> pa.Table:
+    names = [
+        "episode_id", "kind", "frame_index", "causal", "prefix", "causal_stage_pred",
+        "subtask_pred",
+    ]  # fmt: skip
+    return pa.Table.from_pylist([{n: r[n] for n in names} for r in rows])
 
 
-def _row(episode_id, n, kind="episode", stages=()):
+def _row(episode_id, n, kind="episode", stages=(), subtask=()):
     return {
         "episode_id": episode_id,
         "kind": kind,
@@ -35,14 +41,23 @@ def _row(episode_id, n, kind="episode", stages=()):
         "causal": [0.1 * (t + 1) for t in range(n)],
         "prefix": [0.1 * (t + 1) for t in range(n)],
         "causal_stage_pred": list(stages),
+        "subtask_pred": list(subtask),
     }
 
 
-def test_frame_table_lays_out_one_row_per_frame_at_the_given_indices():
+def _place(**episodes):
+    return {e: Placement(*where) for e, where in episodes.items()}
+
+
+def test_frame_rows_lay_out_one_row_per_frame_at_the_given_indices():
     curves = _curves(
-        [_row("b", 2, stages=[0, 1]), _row("a", 3), _row("a~rewound", 4, kind="rewound")]
+        [
+            _row("b", 2, stages=[0, 1], subtask=[0.5, 0.25]),
+            _row("a", 3),
+            _row("a~rewound", 4, kind="rewound"),
+        ]
     )
-    table = frame_table(curves, {"a": (7, 100), "b": (3, 10)})
+    table = with_rabc(frame_rows(curves, _place(a=(7, 100, 3), b=(3, 10, 2))), 0, 0.01)
     assert table.schema == schema.SCORE_SCHEMA
     assert table.column("index").to_pylist() == [10, 11, 100, 101, 102]  # sorted by index
     assert table.column("episode_index").to_pylist() == [3, 3, 7, 7, 7]
@@ -50,12 +65,14 @@ def test_frame_table_lays_out_one_row_per_frame_at_the_given_indices():
     assert table.column("episode_id").to_pylist() == ["b", "b", "a", "a", "a"]
     assert table.column("progress_sparse").to_pylist() == pytest.approx([0.1, 0.2, 0.1, 0.2, 0.3])
     assert table.column("stage").to_pylist() == [0, 1, None, None, None]  # no stages: null
+    assert table.column("subtask_progress").to_pylist() == [0.5, 0.25, None, None, None]
     assert table.column("rabc_weight").null_count == 5  # no rabc_chunk: null
 
 
-def test_frame_table_adds_rabc_weights_over_the_whole_table():
+def test_rabc_weights_are_computed_over_the_whole_table():
     curves = _curves([_row("a", 3), _row("b", 2)])
-    table = frame_table(curves, hdf5_placement(["a", "b"], [3, 2]), rabc_chunk=1, rabc_kappa=0.05)
+    frames = frame_rows(curves, hdf5_placement(["a", "b"], [3, 2]))
+    table = with_rabc(frames, rabc_chunk=1, rabc_kappa=0.05)
     # a: 0.1 0.2 0.3 -> deltas 0.1 0.1 0 (clamped); b: 0.1 0.2 -> 0.1 0: 0.1 > kappa -> 1
     assert table.column("rabc_delta").to_pylist() == pytest.approx([0.1, 0.1, 0.0, 0.1, 0.0])
     weights = table.column("rabc_weight").to_pylist()
@@ -63,17 +80,28 @@ def test_frame_table_adds_rabc_weights_over_the_whole_table():
     assert 0 < weights[2] == weights[4] < 1  # 0 <= delta <= kappa: the soft weight
 
 
-def test_frame_table_refuses_repeats_and_gaps():
-    with pytest.raises(RuntimeError, match="scored twice"):
-        frame_table(_curves([_row("a", 3), _row("a", 3)]), {"a": (0, 0)})
-    with pytest.raises(RuntimeError, match="not scored"):
-        frame_table(_curves([_row("a", 3)]), {"a": (0, 0), "b": (1, 3)})
+def test_frame_rows_refuse_short_episodes_and_overlaps():
+    with pytest.raises(RuntimeError, match="2 frames scored, 3 expected"):
+        frame_rows(_curves([_row("a", 2)]), _place(a=(0, 0, 3)))
+    frames = frame_rows(_curves([_row("a", 3), _row("b", 2)]), _place(a=(0, 0, 3), b=(1, 2, 2)))
     with pytest.raises(RuntimeError, match="same index"):
-        frame_table(_curves([_row("a", 3), _row("b", 2)]), {"a": (0, 0), "b": (1, 2)})
+        with_rabc(frames, 0, 0.01)
 
 
 def test_hdf5_placement_numbers_episodes_in_id_order():
-    assert hdf5_placement(["ep_b", "ep_a"], [5, 3]) == {"ep_a": (0, 0), "ep_b": (1, 3)}
+    assert hdf5_placement(["ep_b", "ep_a"], [5, 3]) == _place(ep_a=(0, 0, 3), ep_b=(1, 3, 5))
+
+
+def test_the_ledger_takes_each_episode_from_one_part_and_checks_its_frames():
+    ledger = PartLedger({"a": 3, "b": 2})
+    first = pa.table({"part": ["p1", "p1"], "episode_id": ["a", "x"], "num_frames": [3, 9]})
+    assert ledger.add(first.cast(PART_RECORD_SCHEMA)) == (3, 1)  # x: not asked for
+    again = pa.table({"part": ["p0", "p2"], "episode_id": ["a", "b"], "num_frames": [3, 2]})
+    assert ledger.add(again.cast(PART_RECORD_SCHEMA)) == (2, 1)  # a repeat of a: skipped
+    assert ledger.parts == {"a": "p1", "b": "p2"} and ledger.missing() == []
+    stale = PartLedger({"a": 4})
+    with pytest.raises(ScoreResumeError, match="holds 3 frames of episode a, the input has 4"):
+        stale.add(first.cast(PART_RECORD_SCHEMA))
 
 
 # --------------------------------------------------------------------------- end to end
@@ -98,7 +126,7 @@ def scored(ray_session, tmp_path_factory):
 def test_score_writes_lerobot_indices_and_the_online_reward(scored):
     cfg, root, model, result = scored
     assert result.num_episodes == 6 and result.num_frames == sum(LENGTHS)
-    frames = pd.read_parquet(cfg.score.output)  # as LeRobot's RABCWeights loads it
+    frames = pd.read_parquet(result.file)  # as LeRobot's RABCWeights loads it
     data = pd.read_parquet(os.path.join(root, "data/chunk-000/file-000.parquet"))
     # every frame of the dataset once, at LeRobot's own global index
     assert frames["index"].tolist() == data["index"].tolist()
@@ -117,15 +145,20 @@ def test_score_writes_lerobot_indices_and_the_online_reward(scored):
     )
     np.testing.assert_allclose(frames["rabc_weight"], expected.weight, atol=1e-6)
     assert frames["stage"].isna().all()  # a continuous model has no stages
+    assert frames["subtask_progress"].isna().all()
+    assert "progress_dense" not in frames  # rayrm models have one progress head: sparse
 
 
 def test_score_records_its_provenance(scored):
-    cfg, root, model, _ = scored
-    metadata = pq.read_schema(cfg.score.output).metadata
+    cfg, root, model, result = scored
+    metadata = pq.read_schema(result.file).metadata
     assert metadata[b"reward_model_path"].decode() == model  # the key LeRobot reads
     record = json.loads(metadata[b"rayrm.score"])
     assert record["checkpoint"] == model and record["dataset"] == root
     assert record["config"]["rabc_chunk"] == 2 and record["rayrm_version"]
+    manifest = json.loads(open(os.path.join(cfg.score.output, schema.MANIFEST_NAME)).read())
+    assert manifest["file"] == schema.SCORE_FILE and manifest["num_frames"] == sum(LENGTHS)
+    assert sorted(os.listdir(cfg.score.output)) == [schema.MANIFEST_NAME, schema.SCORE_FILE]
 
 
 def test_scoring_the_embeddings_gives_the_same_file(scored, tmp_path):
@@ -133,11 +166,10 @@ def test_scoring_the_embeddings_gives_the_same_file(scored, tmp_path):
     again = dataclasses.replace(
         cfg,
         score=dataclasses.replace(
-            cfg.score, input=None, dataset=root, output=str(tmp_path / "again.parquet")
+            cfg.score, input=None, dataset=root, output=str(tmp_path / "again")
         ),
     )
-    run_score(again)
-    a, b = pd.read_parquet(cfg.score.output), pd.read_parquet(again.score.output)
+    a, b = pd.read_parquet(scored[3].file), pd.read_parquet(run_score(again).file)
     assert a["index"].tolist() == b["index"].tolist()
     np.testing.assert_allclose(a["progress_sparse"], b["progress_sparse"], atol=1e-4)
 
@@ -146,3 +178,18 @@ def test_an_existing_output_needs_overwrite(scored):
     cfg, _, _, _ = scored
     with pytest.raises(FileExistsError, match="score.overwrite"):
         run_score(cfg)
+
+
+def test_the_progress_line_gives_episodes_frames_rate_and_eta(caplog, monkeypatch):
+    from types import SimpleNamespace
+
+    from rayrm.embed import progress
+
+    clock = iter([100.0, 104.0])  # the start, then the first results: 4 s of start-up
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    episodes = [SimpleNamespace(num_frames=20), SimpleNamespace(num_frames=60)]
+    line = progress.Progress(episodes, skipped=1, every_s=0.0, verb="scored")
+    with caplog.at_level("INFO", logger=progress.__name__):
+        line.update(frames=40, episodes=1)  # all in one batch, as raw input's groupby gives
+    # 40 frames in 4 s since the start (not since the first batch: that would be infinite)
+    assert "scored 2/3 episodes (1 earlier), 40/80 frames, 10 frames/s, ETA 0m04s" in caplog.text

@@ -61,11 +61,38 @@ rayrm names a LeRobot episode ``episode_<episode_index, 6 digits>``; with severa
 
 Per-frame rewards (output of ``rayrm score``)
 ---------------------------------------------
-One Parquet file, one row per frame of every scored episode, sorted by ``index``, written
-whole or not at all. The first four columns are the ones LeRobot's SARM writes
+A folder (``score.output``, local path or URL), committed like the embedding shards: a
+manifest written last is the commit record, and no step needs a rename::
+
+    rewards.parquet                   every frame of every scored episode, once, sorted by
+                                      ``index`` (:data:`SCORE_SCHEMA`): the file to hand to
+                                      LeRobot (:data:`SCORE_FILE`)
+    manifest.json                     the commit record: format, run id, the file, episodes,
+                                      frames, checkpoint, dataset (:data:`MANIFEST_NAME`)
+    _run/run.json                     an unfinished run: the settings that decide the rewards
+                                      and the run id (:data:`SCORE_RUN_FILE`)
+    _run/parts/<run>-<unique>.parquet whole episodes' frames (:data:`SCORE_PART_SCHEMA`), each
+                                      file written whole by one scoring actor call
+
+The part files are the resumable state: a rerun of the same run id reads back which episodes
+they hold and scores only the others; an episode found in two parts (a retried call) is taken
+from one of them. The commit step reads the parts, computes the RA-BC weights (they need the
+mean and std of the deltas over the whole dataset), writes ``rewards.parquet``, then the
+manifest, then removes ``_run/``. One file rather than the parts: LeRobot's ``RABCWeights``
+reads ``progress_path`` with ``pd.read_parquet`` and downloads ``hf://`` paths as one file
+(``src/lerobot/rewards/sarm/rabc.py``).
+
+The first four columns are the ones LeRobot's SARM writes
 (``src/lerobot/rewards/sarm/compute_rabc_weights.py``) and its ``RABCWeights`` reads
-(``progress_path``, ``head_mode: sparse``), so the file can be handed to LeRobot's RA-BC
-training as it is (:data:`SCORE_SCHEMA`):
+(``sample_weighting.progress_path``, ``head_mode: sparse``).
+
+Sparse and dense: a LeRobot SARM model has a sparse head (a few high-level stages, or one
+"task" stage) and, in its ``dense_only`` and ``dual`` modes, a dense head over fine-grained
+subtasks; each head's total progress (stage + tau, normalised) is one column. rayrm's
+models have one progress output (SARM: one set of K stages, whose total progress is
+``cumulative_prior[stage] + prior[stage] * subtask``), the sparse head's kind, so rayrm
+writes ``progress_sparse`` and no ``progress_dense``: ``head_mode: dense`` then fails in
+LeRobot with its "column not found" error instead of training on made-up values.
 
 =======================  ===========  ===================================================
 column                   type         meaning
@@ -80,13 +107,17 @@ column                   type         meaning
 ``episode_id``           string       rayrm's episode id
 ``prefix``               float32      the plain prefix value (``rayrm evaluate``'s prefix
                                       curve); equals the causal reward to float precision
-``stage``                int32        SARM models: the predicted stage at t (null otherwise)
+``stage``                int32        SARM models: the stage the causal reward was read in
+                                      (argmax of the stage head); null otherwise
+``subtask_progress``     float32      SARM models: the subtask progress head at t, within
+                                      ``stage`` (from the prefix pass); null otherwise
 ``rabc_delta``           float32      with ``score.rabc_chunk``: progress[t+N] - progress[t]
 ``rabc_weight``          float32      with ``score.rabc_chunk``: the RA-BC weight (SARM Eq.
                                       8-9, ``rayrm.score.rabc``); null without
 =======================  ===========  ===================================================
 
-The file's metadata holds ``reward_model_path`` (the checkpoint, the key LeRobot reads) and
+The part files hold the same columns without the two ``rabc_`` ones. ``rewards.parquet``'s
+metadata holds ``reward_model_path`` (the checkpoint, the key LeRobot reads) and
 ``rayrm.score`` (JSON: checkpoint, dataset, rayrm version, the score config).
 
 Embedding shards (output of ``rayrm embed``, input of annotate, train and evaluate)
@@ -255,7 +286,7 @@ STAGE_FIELDS = [
 ]
 STAGE_COLUMNS = [f.name for f in STAGE_FIELDS]
 
-SCORE_SCHEMA = pa.schema(
+SCORE_PART_SCHEMA = pa.schema(
     [
         pa.field("index", pa.int64(), nullable=False),
         pa.field("episode_index", pa.int64(), nullable=False),
@@ -264,9 +295,17 @@ SCORE_SCHEMA = pa.schema(
         pa.field("episode_id", pa.string(), nullable=False),
         pa.field("prefix", pa.float32(), nullable=False),
         pa.field("stage", pa.int32(), nullable=True),
-        pa.field("rabc_delta", pa.float32(), nullable=True),
-        pa.field("rabc_weight", pa.float32(), nullable=True),
+        pa.field("subtask_progress", pa.float32(), nullable=True),
     ]
 )
+RABC_FIELDS = [
+    pa.field("rabc_delta", pa.float32(), nullable=True),
+    pa.field("rabc_weight", pa.float32(), nullable=True),
+]
+SCORE_SCHEMA = pa.schema(list(SCORE_PART_SCHEMA) + RABC_FIELDS)
+SCORE_FORMAT = "rayrm.score/1"
+SCORE_FILE = "rewards.parquet"
+SCORE_PARTS_DIR = "parts"  # under RUN_DIR
+SCORE_RUN_FILE = "run.json"  # under RUN_DIR
 SCORE_METADATA_KEY = "rayrm.score"
 LEROBOT_REWARD_MODEL_KEY = "reward_model_path"  # what LeRobot's SARM reads back

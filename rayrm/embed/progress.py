@@ -1,19 +1,31 @@
-"""A log line every few seconds while embedding: episodes, frames, frames/s, ETA."""
+"""A log line every few seconds while embedding or scoring: episodes, frames, frames/s, ETA."""
 
 from __future__ import annotations
 
 import logging
 import time
-
-from rayrm.data.hdf5 import EpisodeInfo
+from collections.abc import Sequence
+from typing import Protocol
 
 logger = logging.getLogger(__name__)
 
 
-class Progress:
-    """A log line every ``every_s`` seconds: episodes and frames done, frames/s, ETA."""
+class HasFrames(Protocol):
+    num_frames: int
 
-    def __init__(self, episodes: list[EpisodeInfo], skipped: int, every_s: float):
+
+class Progress:
+    """A log line every ``every_s`` seconds: episodes and frames done, frames/s, ETA.
+    ``verb`` names the work (``embedded``, ``scored``)."""
+
+    def __init__(
+        self,
+        episodes: Sequence[HasFrames],
+        skipped: int,
+        every_s: float,
+        verb: str = "embedded",
+    ):
+        self.verb = verb
         self.total_episodes = len(episodes) + skipped
         self.total_frames = sum(e.num_frames for e in episodes)
         self.skipped = skipped
@@ -28,7 +40,7 @@ class Progress:
         now = time.perf_counter()
         if self.first is None:
             self.first = now
-            logger.info("first embeddings after %.1f s of start-up", now - self.start)
+            logger.info("first results after %.1f s of start-up", now - self.start)
         self.frames += frames
         self.episodes += episodes
         if now - self.last_log >= self.every_s:
@@ -37,11 +49,15 @@ class Progress:
 
     def log(self, now: float | None = None) -> None:
         now = now or time.perf_counter()
-        rate = self.frames / max(now - (self.first or now), 1e-9)
+        # Since the start, start-up included: results may arrive in a few large batches
+        # (score's raw input waits for a per-episode groupby), and a rate since the first
+        # of them would be meaningless then.
+        rate = self.frames / max(now - self.start, 1e-9)
         left = self.total_frames - self.frames
         eta = _duration(left / rate) if rate > 0 else "?"
         logger.info(
-            "embedded %d/%d episodes (%s earlier), %d/%d frames, %.0f frames/s, ETA %s",
+            "%s %d/%d episodes (%s earlier), %d/%d frames, %.0f frames/s, ETA %s",
+            self.verb,
             self.episodes + self.skipped,
             self.total_episodes,
             self.skipped,

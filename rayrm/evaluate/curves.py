@@ -69,6 +69,8 @@ CURVE_SCHEMA = pa.schema(
         ("causal", pa.list_(pa.float32())),
         ("stage_pred", pa.list_(pa.int32())),  # empty for continuous models
         ("causal_stage_pred", pa.list_(pa.int32())),
+        # SARM: the subtask progress head at each prefix's last frame; empty otherwise
+        ("subtask_pred", pa.list_(pa.float32())),
         # final prefix value under the other tasks' instructions (mean); null when not scored
         ("final_wrong", pa.float32()),
     ]
@@ -243,6 +245,7 @@ class ModelCurves:
             "causal": causal[0],
             "stage_pred": [] if stage_pred is None else stage_pred.astype(np.int32),
             "causal_stage_pred": causal[1],
+            "subtask_pred": _values_or_empty(prefix.get("subtask")),
             "final_wrong": self._final_wrong(batch, episode),
         }
 
@@ -265,6 +268,10 @@ class ModelCurves:
         ]
         columns = {name: [r[name] for r in rows] for name in CURVE_SCHEMA.names}
         return pa.Table.from_pydict(columns, schema=CURVE_SCHEMA)
+
+
+def _values_or_empty(values: np.ndarray | None) -> np.ndarray | list:
+    return [] if values is None else values.astype(np.float32)
 
 
 class CurveScorer:

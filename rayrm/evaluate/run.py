@@ -103,7 +103,8 @@ def _episode_ids(cfg: Config, checkpoint_config: dict) -> list[str] | None:
     return read_episode_index(cfg.evaluate.embeddings).column("episode_id").to_pylist()
 
 
-def _shard_dataset(embeddings: str, ids: list[str]) -> ray.data.Dataset:
+def shard_episode_dataset(embeddings: str, ids: list[str]) -> ray.data.Dataset:
+    """Whole episode rows of ``ids`` from embedding shards, with the columns scoring needs."""
     present = EpisodeReader(embeddings).columns()
     optional = ("source_file", "failure_mode", *schema.STAGE_COLUMNS)
     extra = [c for c in optional if c in present]
@@ -159,13 +160,10 @@ def source_camera(cfg: Config, checkpoint_config: dict) -> str:
     return read_manifest(cfg.evaluate.embeddings).get("camera", "side_cam")
 
 
-def _raw_dataset(cfg: Config, checkpoint_config: dict, ids: list[str] | None):
-    """Raw episodes (HDF5, or one camera of a LeRobot v3 root) through the checkpoint's
-    backbone (``rayrm.embed``'s pipeline), and the prompt vectors of their tasks."""
-    from rayrm.embed import build_dataset, describe_backbone
-
+def scan_raw_episodes(cfg: Config, checkpoint_config: dict, ids: list[str] | None):
+    """The episodes of ``evaluate.input`` (only ``ids`` when given), from the camera the
+    checkpoint was trained on unless ``evaluate.camera`` says otherwise."""
     ecfg = cfg.evaluate
-    backbone = from_dict(BackboneConfig, checkpoint_config["backbone"])
     camera = source_camera(cfg, checkpoint_config)
     # a LeRobot root's success flags: the column the embeddings were made with (embed section)
     success_column = cfg.embed.success_column
@@ -179,6 +177,17 @@ def _raw_dataset(cfg: Config, checkpoint_config: dict, ids: list[str] | None):
                 f"none of the checkpoint's held-out episodes is in {ecfg.input}; "
                 "use --evaluate.split all to score every episode there"
             )
+    return episodes
+
+
+def raw_episode_dataset(cfg: Config, checkpoint_config: dict, episodes: list):
+    """Raw ``episodes`` (HDF5, or one camera of a LeRobot v3 root) through the checkpoint's
+    backbone (``rayrm.embed``'s pipeline) as whole episode rows, and the prompt vectors of
+    their tasks."""
+    from rayrm.embed import build_dataset, describe_backbone
+
+    backbone = from_dict(BackboneConfig, checkpoint_config["backbone"])
+    camera = source_camera(cfg, checkpoint_config)
     prompts = sorted({e.prompt for e in episodes})  # the scored episodes' tasks
     task = ray.remote(describe_backbone).options(
         num_gpus=cfg.embed.num_gpus_per_actor, num_cpus=cfg.embed.num_cpus_per_actor
@@ -194,8 +203,8 @@ def _raw_dataset(cfg: Config, checkpoint_config: dict, ids: list[str] | None):
     embed_cfg = dataclasses.replace(
         cfg, backbone=backbone, embed=dataclasses.replace(cfg.embed, camera=camera)
     )
-    # Frame embeddings -> one row per episode, inside Ray Data (a groupby: evaluation needs
-    # whole episodes and, unlike `rayrm embed`, nothing to resume).
+    # Frame embeddings -> one row per episode, inside Ray Data (a groupby: scoring needs
+    # whole episodes, and the embedding pipeline cuts them into blocks).
     groups = max(1, len(episodes) // _EPISODES_PER_GROUP)
     return (
         build_dataset(embed_cfg, episodes)
@@ -230,9 +239,10 @@ def score_episodes(
     rewind = (ecfg.rewind_turn, ecfg.rewind_back) if ecfg.rewind else None
     with quiet_datasets():
         if ecfg.input:
-            dataset, language = _raw_dataset(cfg, checkpoint_config, ids)
+            episodes = scan_raw_episodes(cfg, checkpoint_config, ids)
+            dataset, language = raw_episode_dataset(cfg, checkpoint_config, episodes)
         else:
-            dataset = _shard_dataset(ecfg.embeddings, ids)
+            dataset = shard_episode_dataset(ecfg.embeddings, ids)
             language = _shard_instructions(ecfg.embeddings, ids)
         dataset = dataset.map_batches(
             CurveScorer,
