@@ -516,6 +516,12 @@ def resolve_paths(cfg: Config) -> Config:
     return out
 
 
+def settings_diff(old: dict, new: dict) -> str:
+    """What differs between two settings dicts, as ``key: old -> new; ...`` (resume checks)."""
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 

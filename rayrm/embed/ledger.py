@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
+from rayrm.config import settings_diff
 from rayrm.data import schema, storage
 from rayrm.data.chunks import CHUNK_RECORD_SCHEMA, ChunkLocation, chunk_records, tile_chunks
 from rayrm.data.hdf5 import EpisodeInfo, EpisodeProblem
@@ -90,7 +91,7 @@ class RunFolder:
             if not overwrite:
                 raise ResumeError(
                     f"{self.path} holds an unfinished embedding with other settings "
-                    f"({_settings_diff(previous['settings'], settings)}); pass "
+                    f"({settings_diff(previous['settings'], settings)}); pass "
                     "--embed.overwrite true to discard it"
                 )
             self.discard(previous["run_id"])
@@ -215,11 +216,6 @@ def _records_of(output: str, names: list[str]) -> list[pa.Table]:
 
 def _empty_records() -> pa.Table:
     return CHUNK_RECORD_SCHEMA.empty_table()
-
-
-def _settings_diff(old: dict, new: dict) -> str:
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
 
 
 class ChunkLedger:

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from rayrm.config import settings_diff
 from rayrm.data import schema, storage
 
 # Part files read at once (object stores: one request each, latency-bound).
@@ -79,7 +80,7 @@ class ScoreRun:
             if not overwrite:
                 raise ScoreResumeError(
                     f"{self.path} holds an unfinished scoring run with other settings "
-                    f"({_settings_diff(previous['settings'], settings)}); pass "
+                    f"({settings_diff(previous['settings'], settings)}); pass "
                     "--score.overwrite true to discard it"
                 )
             previous = None
@@ -160,8 +161,3 @@ class PartLedger:
 
     def missing(self) -> list[str]:
         return sorted(set(self.num_frames) - set(self.parts))
-
-
-def _settings_diff(old: dict, new: dict) -> str:
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
