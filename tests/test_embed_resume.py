@@ -11,16 +11,12 @@ is not resumed (unless ``overwrite`` discards it), nor one another run is writin
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
-import ray
+from _drivers import start_driver, wait_for_files, wait_until_no_new_files
 from _embed_checks import (
     assert_same_rows,
     committed_chunks,
@@ -31,9 +27,8 @@ from _embed_checks import (
     with_embed,
 )
 from _failing_backbone import NAME as FAILING_BACKBONE
-from _failing_backbone import REPO_ROOT, importable_everywhere
+from _failing_backbone import importable_everywhere
 
-from rayrm.config import to_dict
 from rayrm.data import schema
 from rayrm.data.chunks import write_chunks
 from rayrm.embed import ResumeError, run_embed
@@ -41,46 +36,8 @@ from rayrm.embed.ledger import RunFolder
 from rayrm.embed.run import _settings
 
 
-def start_driver(cfg, folder) -> subprocess.Popen:
-    """``run_embed(cfg)`` in a new driver process on this session's Ray cluster."""
-    config = folder / "config.json"
-    config.write_text(json.dumps(to_dict(cfg)))
-    address = ray.get_runtime_context().gcs_address
-    with open(folder / "driver.log", "w") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "tests._embed_driver", str(config), "--address", address],
-            cwd=REPO_ROOT,  # Ray puts it on the job's workers' sys.path: the hook imports
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def wait_for_chunk_files(output: str, count: int, driver: subprocess.Popen, timeout: float):
-    shards = os.path.join(output, schema.CHUNKS_DIR)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if os.path.isdir(shards) and len(os.listdir(shards)) >= count:
-            return
-        assert driver.poll() is None, "the driver ended before it could be killed"
-        time.sleep(0.05)
-    raise AssertionError(f"no {count} committed chunk files after {timeout} s")
-
-
 def frames_of(rows: dict[str, dict], ids) -> int:
     return sum(rows[i]["num_frames"] for i in ids)
-
-
-def wait_until_no_new_chunk_files(output: str, quiet_s: float, timeout: float) -> None:
-    folder = os.path.join(output, schema.CHUNKS_DIR)
-    deadline, seen, since = time.monotonic() + timeout, -1, time.monotonic()
-    while time.monotonic() < deadline:
-        count = len(os.listdir(folder))
-        if count != seen:
-            seen, since = count, time.monotonic()
-        elif time.monotonic() - since >= quiet_s:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"chunk files still appearing {timeout} s after the driver was killed")
 
 
 def whole_episodes(output: str, rows: dict[str, dict]) -> set[str]:
@@ -97,16 +54,16 @@ def test_killed_driver_resumes_exactly_once(tiny_run, tmp_path, monkeypatch):
     # Slow batches (tiny + a sleep) and a chunk file per 8 frames: a kill lands half-way.
     cfg = with_backbone(tiny_run, name=FAILING_BACKBONE, options={"delay_s": 0.15})
     cfg = with_embed(cfg, output=output, batch_size=8, frames_per_block=8)
-    driver = start_driver(cfg, tmp_path)
+    driver = start_driver("tests._embed_driver", cfg, tmp_path)
     try:
-        wait_for_chunk_files(output, 8, driver, timeout=180)
+        wait_for_files(os.path.join(output, schema.CHUNKS_DIR), 8, driver, timeout=180)
     finally:
         driver.send_signal(signal.SIGKILL)  # the cluster lives on and reaps the job's actors
         driver.wait()
     assert not os.path.exists(os.path.join(output, schema.MANIFEST_NAME))  # nothing published
     # The job's actors write their own files: a call in flight may still commit one until
     # Ray reaps them. Count what is committed once no file has appeared for 3 s.
-    wait_until_no_new_chunk_files(output, quiet_s=3.0, timeout=120)
+    wait_until_no_new_files(os.path.join(output, schema.CHUNKS_DIR), quiet_s=3.0, timeout=120)
     expected = read_rows(tiny_run.embed.output)
     before = whole_episodes(output, expected)
     assert partial_ids(output) and len(before) < len(expected)

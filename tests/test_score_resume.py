@@ -11,21 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pandas as pd
 import pytest
-import ray
+from _drivers import start_driver, wait_for_files, wait_until_no_new_files
 from _eval_helpers import make_checkpoint
 from _failing_backbone import REPO_ROOT
 
-from rayrm.config import to_dict
 from rayrm.data import schema, storage
 from rayrm.data.shards import read_episode_index
 from rayrm.score.ledger import ScoreResumeError, ScoreRun
@@ -97,46 +92,13 @@ def test_a_sarm_checkpoint_gives_stage_and_subtask_progress(clean):
 # --------------------------------------------------------------------------- killed driver
 
 
-def start_driver(cfg, folder) -> subprocess.Popen:
-    """``run_score(cfg)`` with slow actor calls, in a new driver on this session's Ray."""
-    config = folder / "config.json"
-    config.write_text(json.dumps(to_dict(cfg)))
-    address = ray.get_runtime_context().gcs_address
-    with open(folder / "driver.log", "w") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "tests._score_driver", str(config), "--address", address]
-            + ["--slow"],
-            cwd=REPO_ROOT,  # Ray puts it on the job's workers' sys.path: the writer imports
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+def parts_folder(output: str) -> str:
+    return os.path.join(output, schema.RUN_DIR, schema.SCORE_PARTS_DIR)
 
 
 def parts(output: str) -> list[str]:
-    folder = os.path.join(output, schema.RUN_DIR, schema.SCORE_PARTS_DIR)
+    folder = parts_folder(output)
     return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-
-
-def wait_for_parts(output: str, count: int, driver: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if len(parts(output)) >= count:
-            return
-        assert driver.poll() is None, "the driver ended before it could be killed"
-        time.sleep(0.05)
-    raise AssertionError(f"no {count} committed part files after {timeout} s")
-
-
-def wait_until_no_new_parts(output: str, quiet_s: float, timeout: float) -> None:
-    deadline, seen, since = time.monotonic() + timeout, -1, time.monotonic()
-    while time.monotonic() < deadline:
-        count = len(parts(output))
-        if count != seen:
-            seen, since = count, time.monotonic()
-        elif time.monotonic() - since >= quiet_s:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"part files still appearing {timeout} s after the driver was killed")
 
 
 def committed_episodes(output: str) -> set[str]:
@@ -151,13 +113,13 @@ def test_killed_driver_resumes_exactly_once(clean, tmp_path, monkeypatch):
     cfg, _, clean_frames = clean
     output = str(tmp_path / "scores")
     cfg = with_score(cfg, output=output, episodes_per_part=1)  # a part per episode
-    driver = start_driver(cfg, tmp_path)
+    driver = start_driver("tests._score_driver", cfg, tmp_path, "--slow")
     try:
-        wait_for_parts(output, 3, driver, timeout=240)
+        wait_for_files(parts_folder(output), 3, driver, timeout=240)
     finally:
         driver.send_signal(signal.SIGKILL)  # the cluster lives on and reaps the job's actors
         driver.wait()
-    wait_until_no_new_parts(output, quiet_s=3.0, timeout=120)
+    wait_until_no_new_files(parts_folder(output), quiet_s=3.0, timeout=120)
     assert not os.path.exists(os.path.join(output, schema.MANIFEST_NAME))  # nothing published
     lengths = expected_frames(cfg)
     before = committed_episodes(output)
