@@ -101,6 +101,10 @@ class SynthConfig:
     # Several tasks: cube colours (rayrm.data.synthetic.CUBE_COLORS), one task each with the
     # prompt "Put the <colour> cube in the pot."; empty = one task with `prompt`
     tasks: list[str] = field(default_factory=list)
+    # Where the cube should go: ["pot"] (default), or ["pot", "tray"] (needs `distractor`):
+    # every task then comes in both destinations, "... in the pot." / "... on the tray.", and a
+    # wrong-target failure of one looks exactly like a success of the other
+    destinations: list[str] = field(default_factory=lambda: ["pot"])
     seed: int = 0
 
 

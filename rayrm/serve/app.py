@@ -22,7 +22,8 @@ HTTP API (``serve.route_prefix``, default ``/``; encodings of a step in ``rayrm.
 
     GET    /info                       model facts: visual_dim, window, num_stages, ...
     POST   /streams                    {"prompt": "..."}  ->  {"stream": "<id>"}
-    POST   /streams/<id>/step          a frame or embedding  ->  {"reward", "step", "stage"}
+    POST   /streams/<id>/step          a frame or embedding  ->  {"reward", "step", "stage",
+                                                             "success"}
     POST   /steps                      N streams' frames at once  ->  {"results": [...]}
     GET    /streams/<id>               the stream's step count and its replica's facts
     DELETE /streams/<id>               ->  {"closed": "<id>"}
