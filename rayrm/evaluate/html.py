@@ -3,9 +3,10 @@
 Images are embedded as base64 PNGs; videos are embedded too while their total size stays under
 ``evaluate.embed_videos_mb``, and otherwise linked by a path relative to the report (keep the
 ``videos/`` folder beside it). Sections: what was evaluated, how to read it, the metrics table
-(each metric for each curve kind, model beside blind control), the language table (per task,
-final value with the true and with a wrong instruction), the summary figure, then one card per
-episode with its figure and video.
+(each metric for each curve kind, model beside blind control), the failure-mode table (blind /
+success-only / failure-aware, and the episodes flagged as reward hacking), the language table
+(per task, final value with the true and with a wrong instruction), the summary figure, then
+one card per episode with its figure and video.
 """
 
 from __future__ import annotations

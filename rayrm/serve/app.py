@@ -153,8 +153,8 @@ class RewardHTTP:
             return JSONResponse({"error": err.message}, status_code=err.status)
 
     async def _route(self, request: Request) -> dict:
-        parts = [p for p in request.url.path.removeprefix(request.scope["root_path"]).split("/")]
-        parts = [p for p in parts if p]
+        path = request.url.path.removeprefix(request.scope["root_path"])
+        parts = [p for p in path.split("/") if p]
         method = request.method
         if method == "GET" and parts == ["info"]:
             return await call_model(self.model.info.remote())

@@ -212,9 +212,10 @@ def _stage_split(cfg: Config, manifest: dict, split: EpisodeSplit) -> list[float
             f"{manifest.get('num_stages', 'no')} annotated stages (run `rayrm annotate`)"
         )
     table = EpisodeReader(cfg.train.embeddings, manifest).index()
-    stages = dict(zip(table.column("episode_id").to_pylist(), table.column("stage").to_pylist()))
+    ids = table.column("episode_id").to_pylist()
+    stages = dict(zip(ids, table.column("stage").to_pylist()))
     annotated = {e for e, labels in stages.items() if len(labels) == split.frames[e]}
-    failed = {e for e, s in zip(table.column("episode_id").to_pylist(), _failed(table)) if s}
+    failed = {e for e, s in zip(ids, table.column("success").to_pylist()) if s is False}
     labelled_train = [e for e in split.train if e in annotated and e not in failed]
     split.train = [e for e in split.train if e in annotated or e in failed]
     split.train_frames = sum(split.frames[e] for e in split.train)
@@ -224,11 +225,6 @@ def _stage_split(cfg: Config, manifest: dict, split: EpisodeSplit) -> list[float
         raise ShardError("no annotated held-out episode to validate stage predictions on")
     priors = stage_priors([stages[e] for e in labelled_train], k, cfg.train.stage_prior)
     return priors.tolist()
-
-
-def _failed(table: pa.Table) -> list[bool]:
-    """Per row: the episode is a failure (success false)."""
-    return [s is False for s in table.column("success").to_pylist()]
 
 
 def _check_inputs(cfg: Config) -> tuple[EpisodeReader, EpisodeSplit, list[str], np.ndarray]:
