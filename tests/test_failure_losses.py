@@ -22,6 +22,7 @@ from rayrm.train.loop import (
     Inputs,
     LossWeights,
     RankInputs,
+    done_labels,
     progress_terms,
     rank_loss,
     window_inputs,
@@ -134,9 +135,10 @@ def test_rank_loss_is_tau_weighted_bradley_terry_at_the_prefix_ends():
         ]
     )
     read = torch.tensor([1, 2])
-    prefix = PrefixBatch(frame_index=torch.zeros(2, 3, dtype=torch.int64), read=read, episode=read)
+    slots = torch.zeros(2, 3, dtype=torch.int64)
+    prefix = PrefixBatch(frame_index=slots, read=read, episode=read, local_frame=slots)
     tau = torch.tensor([0.25, 1.0])
-    got = rank_loss(progress, RankInputs(prefix, prefix, tau), scale=10.0)
+    got = rank_loss(progress, RankInputs(prefix, prefix, tau, torch.zeros(4, 3)), scale=10.0)
     losses = [-np.log(1 / (1 + np.exp(-10 * (0.9 - 0.4)))), -np.log(1 / (1 + np.exp(-10 * -0.1)))]
     expected = (0.25 * losses[0] + 1.0 * losses[1]) / 1.25
     assert got.item() == pytest.approx(expected, rel=1e-5)
@@ -163,6 +165,16 @@ def test_rank_pairs_share_a_task_and_a_relative_time():
     assert rank_table(episodes.task, torch.ones(5, dtype=torch.bool)) is None
 
 
+def _pairs(episodes, n, g, success_from=0.8) -> RankInputs:
+    success, failure, tau = sample_rank_pairs(
+        episodes.ranks, episodes.lengths, episodes.offsets, n, 6, 0.2, g
+    )
+    done = torch.cat(
+        [done_labels(episodes, p.episode, p.local_frame, success_from) for p in (success, failure)]
+    )
+    return RankInputs(success, failure, tau, done)
+
+
 def test_window_loss_sums_the_weighted_terms_in_one_pass():
     torch.manual_seed(0)
     model = RewardTransformer(dataclasses.replace(TINY, dropout=0.0), 4, 3).eval()
@@ -170,20 +182,42 @@ def test_window_loss_sums_the_weighted_terms_in_one_pass():
     g = torch.Generator().manual_seed(0)
     windows = sample_windows(episodes.lengths, episodes.offsets, 16, 6, 0.5, g)
     inputs = window_inputs(episodes, windows, success_from=0.8)
-    success, failure, tau = sample_rank_pairs(
-        episodes.ranks, episodes.lengths, episodes.offsets, 8, 6, 0.2, g
-    )
-    pairs = RankInputs(success, failure, tau)
+    pairs = _pairs(episodes, 8, g)
     weights = LossWeights(success=0.5, rank=2.0, rank_scale=10.0)
     total, terms, out = window_loss(model, inputs, 0.0, None, weights, pairs, episodes)
     alone = model(inputs.visual, inputs.language, return_all=True)
     torch.testing.assert_close(out.progress, alone.progress)
-    bce = F.binary_cross_entropy_with_logits(alone.success_logit, inputs.done)
-    torch.testing.assert_close(terms["success"], bce)
     prefixes = model(pairs.visual(episodes), pairs.language(episodes), return_all=True)
+    # the success head reads the windows' frames and the pairs' prefixes (failures' frames)
+    logits = torch.cat([alone.success_logit, prefixes.success_logit])
+    bce = F.binary_cross_entropy_with_logits(logits, torch.cat([inputs.done, pairs.done]))
+    torch.testing.assert_close(terms["success"], bce)
     torch.testing.assert_close(terms["rank"], rank_loss(prefixes.progress, pairs, 10.0))
     expected = terms["progress"] + 0.5 * terms["success"] + 2.0 * terms["rank"]
     torch.testing.assert_close(total, expected)
+
+
+def test_pair_labels_mark_the_success_prefixes_late_frames_and_no_failure_frame():
+    episodes = _device([10, 20, 10, 20], ["a", "a", "b", "b"], [True, False, True, False])
+    pairs = _pairs(episodes, 200, torch.Generator().manual_seed(1), success_from=0.5)
+    n = len(pairs.tau)
+    assert pairs.done[n:].sum() == 0  # failure prefixes: never done
+    frames = pairs.success.local_frame
+    expected = (frames + 1).float() / episodes.lengths[pairs.success.episode, None] >= 0.5
+    assert torch.equal(pairs.done[:n].bool(), expected)
+    assert pairs.done[:n].any() and not pairs.done[:n].all()
+
+
+def test_windows_come_from_the_eligible_episodes_only():
+    episodes = _device([10, 30, 10, 30], ["a", "a", "a", "a"], [True, False, True, False])
+    g = torch.Generator().manual_seed(0)
+    windows = sample_windows(
+        episodes.lengths, episodes.offsets, 500, 6, 0.5, g, eligible=episodes.success
+    )
+    assert set(windows.episode.tolist()) == {0, 2}
+    nobody = torch.zeros(4, dtype=torch.bool)  # none eligible: every episode, by length
+    windows = sample_windows(episodes.lengths, episodes.offsets, 500, 6, 0.5, g, eligible=nobody)
+    assert set(windows.episode.tolist()) == {0, 1, 2, 3}
 
 
 def test_split_holds_out_every_task_outcome_and_failure_mode():

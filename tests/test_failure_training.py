@@ -128,14 +128,14 @@ def test_held_out_wrong_target_failures_are_separated_only_by_the_failure_aware_
     only = _final_auroc(only_rows, "prefix")
     assert aware >= 0.9, f"failure-aware progress AUROC {aware:.3f}"
     assert only < 0.9, f"success-only progress AUROC {only:.3f}"
-    assert _final_auroc(rows, "success_pred") >= 0.9  # the success head too
+    # the success head, too, learned what the success-only model's could not
+    head, only_head = _final_auroc(rows, "success_pred"), _final_auroc(only_rows, "success_pred")
+    assert head >= only_head + 0.2, f"success head AUROC {head:.3f} vs {only_head:.3f}"
     # the reported metrics are these curves' metrics
     found = trained.metrics
     assert found["curves"]["prefix"]["auroc_vs_wrong_target"] == pytest.approx(aware)
     assert found["success_only_control"]["prefix"]["auroc_vs_wrong_target"] == pytest.approx(only)
-    assert found["curves"]["prefix"]["success_auroc"] == pytest.approx(
-        _final_auroc(rows, "success_pred")
-    )
+    assert found["curves"]["prefix"]["success_auroc"] == pytest.approx(head)
 
 
 def test_the_success_only_control_never_saw_a_failure(trained):

@@ -159,6 +159,16 @@ class Inputs:
     subtask: torch.Tensor | None = None  # [B, L] SARM subtask-progress targets
 
 
+def done_labels(
+    episodes: DeviceEpisodes, episode: torch.Tensor, local_frame: torch.Tensor, success_from: float
+) -> torch.Tensor:
+    """Success-head labels [B, L]: 1 on a successful episode's frames from ``success_from`` of
+    it on, 0 on every other frame (all of a failure's)."""
+    length = episodes.lengths[episode].unsqueeze(1).to(torch.float32)
+    late = (local_frame + 1).to(torch.float32) / length >= success_from
+    return (late & episodes.success[episode].unsqueeze(1)).to(torch.float32)
+
+
 def window_inputs(
     episodes: DeviceEpisodes,
     windows: WindowBatch,
@@ -170,8 +180,7 @@ def window_inputs(
     """Gather a batch of windows from the episode buffer.
 
     Labels: progress (and SARM stage) targets hold for successful episodes only (``known``);
-    the success head's label is 1 on a success's frames from ``success_from`` of the episode
-    on, 0 everywhere else (every frame of a failure).
+    the success head's label is :func:`done_labels`.
 
     With ``mismatch_prob`` > 0, that share of windows gets another task's instruction (drawn
     from ``task_language``, never its own) and a target of 0: progress toward a task that is
@@ -179,14 +188,12 @@ def window_inputs(
     the success label 0), known for failures' windows too.
     """
     known = episodes.success[windows.episode]
-    length = episodes.lengths[windows.episode].unsqueeze(1).to(torch.float32)
-    late = (windows.local_frame + 1).to(torch.float32) / length >= success_from
     inputs = Inputs(
         visual=episodes.visual[windows.frame_index],
         language=episodes.language[windows.episode],
         progress=windows.target,
         known=known,
-        done=(late & known.unsqueeze(1)).to(torch.float32),
+        done=done_labels(episodes, windows.episode, windows.local_frame, success_from),
     )
     if episodes.stage is not None:
         inputs.stage = episodes.stage[windows.frame_index]
@@ -208,11 +215,13 @@ def window_inputs(
 
 @dataclass
 class RankInputs:
-    """(success, failure) prefix pairs of one task at one relative time tau."""
+    """(success, failure) prefix pairs of one task at one relative time tau, and the success
+    head's labels of their frames (success rows, then failure rows)."""
 
     success: PrefixBatch
     failure: PrefixBatch
     tau: torch.Tensor  # float32 [P]
+    done: torch.Tensor  # float32 [2P, L]
 
     def visual(self, episodes: DeviceEpisodes) -> torch.Tensor:
         frames = torch.cat([self.success.frame_index, self.failure.frame_index])
@@ -308,9 +317,10 @@ def window_loss(
     terms = progress_terms(windows, inputs)
     total = sum(terms.values())
     if out.success_logit is not None:  # always in the graph, so DDP sees every parameter
-        terms["success"] = F.binary_cross_entropy_with_logits(
-            windows.success_logit.float(), inputs.done
-        )
+        logits, done = windows.success_logit, inputs.done
+        if pairs is not None:  # the prefixes' frames too: the failures' frames come in here
+            logits, done = out.success_logit, torch.cat([inputs.done, pairs.done])
+        terms["success"] = F.binary_cross_entropy_with_logits(logits.float(), done)
         total = total + weights.success * terms["success"]
     if pairs is not None:
         terms["rank"] = rank_loss(out.progress[batch:], pairs, weights.rank_scale)
@@ -509,20 +519,34 @@ def _report(worker: Worker, step: int, scalars: dict, meta: dict, trackers: Trac
 
 
 def rank_inputs(worker: Worker, generator: torch.Generator, seq_len: int) -> RankInputs | None:
-    """This step's (success, failure) pairs, or None (no weight, or no pair on this rank)."""
+    """This step's (success, failure) prefix pairs, or None: no pair on this rank, no pairs
+    asked for, or neither the ranking loss nor the success head would use them."""
     cfg, train = worker.cfg, worker.train
-    pairs = max(1, cfg.rank_pairs // worker.world)
-    if cfg.rank_weight == 0 or cfg.rank_pairs == 0 or train.ranks is None:
+    if cfg.rank_pairs == 0 or train.ranks is None or cfg.rank_weight + cfg.success_weight == 0:
         return None
     success, failure, tau = sample_rank_pairs(
-        train.ranks, train.lengths, train.offsets, pairs, seq_len, cfg.rank_min_tau, generator
+        train.ranks,
+        train.lengths,
+        train.offsets,
+        max(1, cfg.rank_pairs // worker.world),
+        seq_len,
+        cfg.rank_min_tau,
+        generator,
     )
-    return RankInputs(success, failure, tau)
+    done = torch.cat(
+        [done_labels(train, p.episode, p.local_frame, cfg.success_from) for p in (success, failure)]
+    )
+    return RankInputs(success, failure, tau, done)
 
 
 def train_step(worker: Worker, generator: torch.Generator, seq_len: int) -> dict[str, torch.Tensor]:
-    """One optimizer step; returns the loss and each of its terms (detached)."""
+    """One optimizer step; returns the loss and each of its terms (detached).
+
+    With (success, failure) pairs, the failures come in through them, and the windows, which
+    carry the progress targets, are drawn from the successes alone: failed episodes add
+    objectives without thinning out the progress supervision of a step."""
     cfg = worker.cfg
+    pairs = rank_inputs(worker, generator, seq_len)
     windows = sample_windows(
         worker.train.lengths,
         worker.train.offsets,
@@ -530,11 +554,11 @@ def train_step(worker: Worker, generator: torch.Generator, seq_len: int) -> dict
         seq_len,
         cfg.rewind_prob if cfg.rewind else 0.0,
         generator,
+        eligible=None if pairs is None else worker.train.success,
     )
     inputs = window_inputs(
         worker.train, windows, worker.task_language, cfg.mismatch_prob, generator, cfg.success_from
     )
-    pairs = rank_inputs(worker, generator, seq_len)
     with worker.autocast():
         loss, terms, _ = window_loss(
             worker.model,

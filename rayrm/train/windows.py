@@ -60,11 +60,14 @@ def sample_windows(
     seq_len: int,
     rewind_prob: float,
     generator: torch.Generator,
+    eligible: torch.Tensor | None = None,
 ) -> WindowBatch:
-    """Sample ``batch_size`` windows over episodes of the given lengths (all >= 4)."""
-    episode = torch.multinomial(
-        lengths.to(torch.float64), batch_size, replacement=True, generator=generator
-    )
+    """Sample ``batch_size`` windows over episodes of the given lengths (all >= 4); only
+    from the ``eligible`` ones (bool [N]) when given and any is."""
+    weights = lengths.to(torch.float64)
+    if eligible is not None and bool(eligible.any()):
+        weights = weights * eligible
+    episode = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
     T = lengths[episode]
     a = _uniform_int(torch.zeros_like(T), T - 4, generator)
     b = _uniform_int(a + 3, T - 1, generator)
@@ -129,6 +132,7 @@ class PrefixBatch:
     frame_index: torch.Tensor  # int64 [P, L], index into the flat frame buffer
     read: torch.Tensor  # int64 [P], slot of the prefix's last frame: min(n-1, L-1)
     episode: torch.Tensor  # int64 [P]
+    local_frame: torch.Tensor  # int64 [P, L], frame index inside the episode
 
 
 def prefixes_at(
@@ -144,6 +148,7 @@ def prefixes_at(
         frame_index=offsets[episode].unsqueeze(1) + slots,
         read=torch.clamp(n - 1, max=seq_len - 1),
         episode=episode,
+        local_frame=slots,
     )
 
 
