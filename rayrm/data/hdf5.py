@@ -177,7 +177,8 @@ def _check_frames(frames, camera: str, problem) -> int | None:
 
 
 def _check_state(group: h5py.Group, key: str, problem) -> int:
-    """The ``embed.state`` dataset must be float [T, P]; its P (0 when it is unusable)."""
+    """The ``embed.state`` dataset must be numbers [T, P] (stored as float32); its P, 0 when
+    it is unusable (the row count and NaN are checked as for any per-frame array)."""
     data = group.get(key)
     if not isinstance(data, h5py.Dataset):
         problem(key, f"missing state dataset (has: {', '.join(sorted(group)) or 'nothing'})")
@@ -257,9 +258,9 @@ def _check_episode(
     num_frames = _check_cameras(group, cameras, problem)
     state_dim = _check_state(group, state, problem) if state else 0
     _check_per_frame(group, schema.ACTION_KEY, "actions", num_frames, problem)
-    pose_keys = {schema.POSE_KEY, state} - {None}
-    for key in sorted(pose_keys):
-        _check_per_frame(group, key, "state rows" if key == state else "poses", num_frames, problem)
+    _check_per_frame(group, schema.POSE_KEY, "poses", num_frames, problem)
+    if state and state != schema.POSE_KEY:  # a state of another name: the same checks
+        _check_per_frame(group, state, "state rows", num_frames, problem)
     prompt = prompt or _attr(group, schema.ATTR_PROMPT) or _attr(group.file, schema.ATTR_PROMPT)
     if not prompt or not isinstance(prompt, str):
         problem(schema.ATTR_PROMPT, "no prompt attribute and no embed.prompt given")
