@@ -15,19 +15,24 @@ import h5py
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from _embed_checks import read_failures, read_rows
 from _lerobot import LENGTHS, TOP, WRIST, decoded_episode, write_dataset
 from conftest import make_config
 
 from rayrm.backbones import build_backbone
-from rayrm.config import ConfigError, load_config
+from rayrm.config import BackboneConfig, ConfigError, ServeConfig, load_config, to_dict
 from rayrm.data import schema
 from rayrm.data.lerobot import LeRobotDatasetError
 from rayrm.data.shards import read_manifest
 from rayrm.embed import run_embed
 from rayrm.evaluate.run import run_evaluate, score_episodes
 from rayrm.evaluate.scorer import RewardScorer
-from rayrm.train.checkpoint import read_checkpoint_config
+from rayrm.serve.errors import BadRequestError
+from rayrm.serve.streams import StreamTable
+from rayrm.testing import SMALL_MODEL
+from rayrm.train.checkpoint import read_checkpoint_config, save_checkpoint
+from rayrm.train.model import RewardTransformer
 from rayrm.train.trainer import run_train
 
 CAMERAS = ["side_cam", "wrist_cam"]
@@ -162,3 +167,28 @@ def test_embed_train_evaluate_with_two_cameras_and_the_pose(cams_run, tmp_path):
     frame = _frames(cfg.embed.input, ids[0], "side_cam")[:1]
     with pytest.raises(ValueError, match="fuses side_cam, wrist_cam and the state 'tcp_pose'"):
         scorer.step(frame)
+
+
+def test_serve_refuses_raw_frames_of_a_cameras_checkpoint_and_takes_frame_vectors(tmp_path):
+    """Serving fuses no cameras itself: a raw frame is a 400 naming what the model needs, a
+    frame vector (every camera's embedding, then the state) is scored as offline."""
+    backbone = BackboneConfig(name="tiny", visual_dim=8, language_dim=4)
+    layout = {"cameras": CAMERAS, "view_dims": [8, 8], "state_key": STATE, "state_dim": 7}
+    torch.manual_seed(0)
+    model = RewardTransformer(SMALL_MODEL, 23, 4, [8, 8], 7).eval()
+    meta = {"backbone": to_dict(backbone), "frame_layout": layout}
+    path = str(tmp_path)
+    save_checkpoint(path, model, meta)
+    table = StreamTable.from_checkpoint(path, "rep1", ServeConfig(), "cpu")
+    assert table.info()["frame_layout"] == layout
+    stream = table.open("put the cube in the pot")
+    frame = np.zeros((16, 16, 3), np.uint8)
+    (refused,) = table.step([(stream, frame)])
+    assert isinstance(refused, BadRequestError)
+    assert "fuses side_cam, wrist_cam and the state 'tcp_pose'" in str(refused)
+    vectors = np.random.default_rng(0).standard_normal((3, 23)).astype(np.float32)
+    got = [table.step([(stream, v)])[0].reward for v in vectors]
+    scorer = RewardScorer.from_checkpoint(path, device="cpu")
+    scorer.reset(["put the cube in the pot"])
+    expected = [scorer.step(v[None])[0] for v in vectors]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
