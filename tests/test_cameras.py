@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from _embed_checks import read_failures, read_rows
+from _eval_helpers import make_checkpoint
 from _lerobot import LENGTHS, TOP, WRIST, decoded_episode, write_dataset
 from conftest import make_config
 
@@ -120,6 +121,23 @@ def test_lerobot_cameras_are_views_of_one_episode(ray_session, tmp_path):
             expected = backbone.embed_frames(decoded_episode(root, camera, i), [row["prompt"]] * n)
             got = vectors[:, k * dim : (k + 1) * dim]
             np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5, err_msg=camera)
+
+
+def test_lerobot_raw_scoring_decodes_every_camera_of_the_checkpoint(ray_session, tmp_path):
+    """A two-camera checkpoint scores a LeRobot root as it scores its embeddings: both
+    cameras decoded and embedded again, in the checkpoint's order."""
+    root = write_dataset(tmp_path / "ds")
+    cfg = make_config(tmp_path, embed={"input": root, "camera": TOP, "cameras": [TOP, WRIST]})
+    run_embed(cfg)
+    model = make_checkpoint(cfg, tmp_path / "ckpt")
+    assert read_checkpoint_config(model)["view_dims"] == [cfg.backbone.visual_dim] * 2
+    ids = ["episode_000001", "episode_000004"]
+    from_shards = score_episodes(cfg, model, ids)
+    raw = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, input=root))
+    from_video = score_episodes(raw, model, ids)
+    assert from_video["episode_id"] == from_shards["episode_id"]
+    for a, b in zip(from_video["prefix"], from_shards["prefix"]):
+        np.testing.assert_allclose(a, b, atol=1e-4)
 
 
 def test_a_lerobot_state_is_refused_before_any_work(ray_session, tmp_path):
