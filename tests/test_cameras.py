@@ -26,6 +26,7 @@ from rayrm.config import BackboneConfig, ConfigError, ServeConfig, load_config, 
 from rayrm.data import schema
 from rayrm.data.lerobot import LeRobotDatasetError
 from rayrm.data.shards import read_manifest
+from rayrm.data.sources import scan_raw_input
 from rayrm.embed import run_embed
 from rayrm.evaluate.run import run_evaluate, score_episodes
 from rayrm.evaluate.scorer import RewardScorer
@@ -104,6 +105,26 @@ def test_a_missing_camera_or_state_fails_that_episode_naming_file_and_key(tiny_r
     )
     assert "missing state dataset" in failures[(os.path.abspath(path), "episode_0004", STATE)]
     assert {"episode_0003", "episode_0004"}.isdisjoint(read_rows(cfg.embed.output))
+
+
+def test_cameras_of_other_lengths_and_states_of_another_size_are_named(tmp_path):
+    """The scan's own checks (no Ray): every camera has the episode's frame count, and every
+    episode's state the same number of values per frame."""
+    path = str(tmp_path / "episodes.h5")
+    frames = np.zeros((6, 8, 8, 3), np.uint8)
+    with h5py.File(path, "w") as f:
+        f.attrs["prompt"] = "pick"
+        for name, wrist_frames, pose_dim in [("a", 6, 7), ("b", 5, 7), ("c", 6, 7), ("d", 6, 3)]:
+            group = f.create_group(name)
+            group["side_cam"] = frames
+            group["wrist_cam"] = frames[:wrist_frames]
+            group[STATE] = np.zeros((6, pose_dim), np.float64)
+    episodes, problems = scan_raw_input(path, CAMERAS, None, state=STATE)
+    assert [e.episode_id for e in episodes] == ["a", "c"]
+    assert all(e.state_dim == 7 for e in episodes)
+    assert [(p.episode, p.key) for p in problems] == [("b", "wrist_cam"), ("d", STATE)]
+    assert "5 frames but side_cam has 6" in problems[0].reason
+    assert "3 values per frame, the other episodes have 7" in problems[1].reason
 
 
 def test_lerobot_cameras_are_views_of_one_episode(ray_session, tmp_path):
