@@ -194,7 +194,19 @@ own, :func:`view_column` ``visual_embedding/<camera>``, and the per-frame robot 
 the chunk rows (same type and row-major layout as ``visual_embedding``; D_v or P values per
 frame). The manifest's ``frame_layout`` (:class:`FrameLayout`) records the cameras in order,
 each one's dim and the state key and dim; a folder without it has one view, ``camera`` with
-``visual_dim`` values, and no state.
+``visual_dim`` values, and no state. The checkpoint's ``config.json`` holds the same
+``frame_layout`` (and the model's ``view_dims`` / ``state_dim``):
+
+==============================  ==============  ==============================================
+manifest key                    type            meaning
+==============================  ==============  ==============================================
+``camera``                      str             the first camera (stored as visual_embedding)
+``frame_layout.cameras``        list<str>       every camera, in the frame vector's order
+``frame_layout.view_dims``      list<int>       each camera's D_v (one backbone: all equal)
+``frame_layout.state_key``      str or null     ``embed.state`` (e.g. ``tcp_pose``)
+``frame_layout.state_dim``      int             P; 0 without a state
+``camera_as_episode``           bool            LeRobot: each camera an episode of its own
+==============================  ==============  ==============================================
 
 Readers hand out one frame vector per timestep: ``visual_embedding`` of a whole-episode row
 (and ``EpisodeBatch.visual``) is the concatenation ``[view_0 | view_1 | ... | state]`` in the
