@@ -39,7 +39,7 @@ import torch
 from rayrm.config import Config, ModelConfig, TrainConfig
 from rayrm.data import schema
 from rayrm.data.chunks import write_episode_folder
-from rayrm.train.loop import Inputs, optimizer_and_schedule, window_loss
+from rayrm.train.loop import Inputs, LossWeights, optimizer_and_schedule, window_loss
 from rayrm.train.model import RewardTransformer
 from rayrm.train.trainer import run_train
 
@@ -105,6 +105,8 @@ def model_only(args, device: torch.device) -> float:
             visual=torch.randn(args.batch, seq, VISUAL_DIM, device=device),
             language=torch.randn(args.batch, LANGUAGE_DIM, device=device),
             progress=torch.rand(args.batch, seq, device=device),
+            known=torch.ones(args.batch, dtype=torch.bool, device=device),
+            done=torch.zeros(args.batch, seq, device=device),
         )
         for _ in range(4)
     ]
@@ -112,7 +114,9 @@ def model_only(args, device: torch.device) -> float:
 
     def step(inputs: Inputs) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, _ = window_loss(step_model, inputs, cfg.gt_stage_prob)
+            loss, _, _ = window_loss(
+                step_model, inputs, cfg.gt_stage_prob, weights=LossWeights.of(cfg)
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -101,6 +101,10 @@ class SynthConfig:
     # Several tasks: cube colours (rayrm.data.synthetic.CUBE_COLORS), one task each with the
     # prompt "Put the <colour> cube in the pot."; empty = one task with `prompt`
     tasks: list[str] = field(default_factory=list)
+    # Where the cube should go: ["pot"] (default), or ["pot", "tray"] (needs `distractor`):
+    # every task then comes in both destinations, "... in the pot." / "... on the tray.", and a
+    # wrong-target failure of one looks exactly like a success of the other
+    destinations: list[str] = field(default_factory=lambda: ["pot"])
     seed: int = 0
 
 
@@ -184,6 +188,9 @@ class ModelConfig:
     # position embedding for every video position.
     positional: str = "first"
     num_stages: int = 0  # 0: continuous ReWIND progress; K > 0: SARM stage + subtask heads
+    # A per-frame success head (logit: "the task is done at this frame"), trained on
+    # successes and failures alike (train.success_weight); checkpoints from before it have none.
+    success_head: bool = True
 
 
 @dataclass
@@ -221,13 +228,36 @@ class TrainConfig:
     val_ratio: float = 0.2  # held-out episodes, by episode
     val_every: int = 0  # steps between validations; 0 = every 10 epochs (seed)
     val_windows: int = 512  # fixed windows drawn from held-out episodes for val loss
-    only_successful: bool = True  # train on successful episodes when a flag exists
+    # Failed episodes (success false) train the success head and the ranking loss, never the
+    # progress targets (those assume success). true: drop them (the success-only ablation).
+    only_successful: bool = False
+    # Success head: binary cross-entropy per frame; a successful episode's frames from this
+    # share of the episode on are labelled "done", every failed episode's frame "not done".
+    success_weight: float = 1.0
+    success_from: float = 0.9
+    # Ranking loss between trajectories of one task (Robometer's preference supervision): at
+    # the same relative time tau, a success's prefix must score above a failure's prefix,
+    # -log sigmoid(rank_scale * (p_success - p_failure)), weighted by tau. Needs failures.
+    rank_weight: float = 1.0
+    rank_pairs: int = 64  # (success, failure) pairs per step, global
+    rank_scale: float = 10.0
+    rank_min_tau: float = 0.2  # taus drawn in [rank_min_tau, 1]: early prefixes look alike
     blind: bool = False  # zero every input feature: the blind control
     seed: int = 0
     num_to_keep: int = 1  # best checkpoints by val_loss kept besides the latest; 0 keeps all
     max_failures: int = 3  # worker failures survived by restarting from the latest checkpoint
     loggers: list[str] = field(default_factory=list)  # any of tensorboard, wandb, mlflow
     crash_at_step: int = 0  # fault-tolerance drill: rank 0 exits once at this step
+
+    def validate(self) -> None:
+        for name in ("success_weight", "rank_weight", "mismatch_prob", "rank_scale"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("success_from", "rank_min_tau", "gt_stage_prob", "rewind_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"train.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.rank_pairs < 0:
+            raise ConfigError(f"train.rank_pairs must be >= 0, got {self.rank_pairs}")
 
 
 @dataclass
@@ -267,6 +297,12 @@ class EvaluateConfig:
     camera: str | None = None  # raw input and videos; default the embedding's camera
     prompt: str | None = None  # raw input: overrides the episodes' prompt attributes
     blind_checkpoint: str | None = None  # a blind control scored beside the model
+    # the same model trained on successes only (train.only_successful), scored beside it
+    success_only_checkpoint: str | None = None
+    # Reward-hacking flag: prefix progress reaching hacking_progress while the success head's
+    # final "done" probability stays below hacking_success
+    hacking_progress: float = 0.9
+    hacking_success: float = 0.5
     rewind: bool = True  # also score rewound copies of the expert episodes
     rewind_turn: float = 0.75  # play forward up to this share of the episode...
     rewind_back: float = 0.5  # ...then back over this share of the frames played

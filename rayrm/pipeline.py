@@ -5,6 +5,11 @@ same model twice, once on the embeddings and once on all-zero inputs (the blind 
 reports the same metrics for both, on held-out episodes, for every curve kind (plain prefix,
 the seed's chaining, streaming causal), in one report (``<workdir>/eval/report.html``).
 
+When the training data holds failures and the model learns from them (the default), a third
+model is trained on the successes alone (``train.only_successful``), and the report sets the
+three side by side per failure mode: blind / success-only / failure-aware. That is the
+ablation that shows what the failures taught the model.
+
 With ``model.num_stages > 0`` (``configs/demo_sarm.yaml``) it runs the stage pipeline too:
 ``rayrm synth`` writes the ground-truth boundaries of its successful episodes as a stage JSON
 (``<raw>/stages.json``, the seed's form), ``rayrm annotate`` applies it to the shards, and the
@@ -44,13 +49,22 @@ def run_synth(cfg: Config) -> Path:
     return path
 
 
-def train_and_evaluate(cfg: Config, title: str, blind_checkpoint: str | None = None) -> dict:
+def train_and_evaluate(
+    cfg: Config,
+    title: str,
+    blind_checkpoint: str | None = None,
+    success_only_checkpoint: str | None = None,
+) -> dict:
     from rayrm.evaluate.run import run_evaluate
     from rayrm.train.trainer import run_train
 
     trained = run_train(cfg)
     evaluated = run_evaluate(
-        cfg, checkpoint=trained.best_checkpoint, title=title, blind_checkpoint=blind_checkpoint
+        cfg,
+        checkpoint=trained.best_checkpoint,
+        title=title,
+        blind_checkpoint=blind_checkpoint,
+        success_only_checkpoint=success_only_checkpoint,
     )
     return {
         "checkpoint": trained.best_checkpoint,
@@ -59,6 +73,7 @@ def train_and_evaluate(cfg: Config, title: str, blind_checkpoint: str | None = N
         "report": evaluated.report_path,
         "curves": evaluated.metrics["curves"],
         "blind_control": evaluated.metrics["blind_control"],
+        "success_only_control": evaluated.metrics["success_only_control"],
         "instruction": evaluated.metrics["instruction"],
     }
 
@@ -88,6 +103,21 @@ def blind_variant(cfg: Config) -> Config:
     )
 
 
+def success_only_variant(cfg: Config) -> Config:
+    """The same model trained on the successes alone: the ablation of failure-aware training."""
+    return dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(
+            cfg.train, only_successful=True, run_name=f"{cfg.train.run_name}_success_only"
+        ),
+    )
+
+
+def learns_from_failures(cfg: Config) -> bool:
+    """The demo's data holds failures and the model is trained on them."""
+    return cfg.synth.failure_fraction > 0 and not cfg.train.only_successful
+
+
 def _prepare_workdir(path: str) -> None:
     if os.path.isdir(path) and os.listdir(path):
         if not os.path.exists(os.path.join(path, DEMO_MARKER)):
@@ -107,19 +137,27 @@ def run_demo(cfg: Config) -> dict[str, Any]:
     run_synth(cfg)
     embedded = run_embed(cfg)
     annotate_if_staged(cfg)
-    blind = run_train(blind_variant(cfg))  # first, so the model's report shows it beside
+    # The controls first, so the model's report shows them beside it.
+    blind = run_train(blind_variant(cfg))
+    success_only = run_train(success_only_variant(cfg)) if learns_from_failures(cfg) else None
     kind = f"SARM, {cfg.model.num_stages} stages" if cfg.model.num_stages else "continuous"
     model = train_and_evaluate(
         cfg,
         title=f"reward model ({kind}, {cfg.backbone.name} backbone)",
         blind_checkpoint=blind.best_checkpoint,
+        success_only_checkpoint=success_only.best_checkpoint if success_only else None,
     )
     summary = {
         "raw_episodes": cfg.synth.output,
         "embeddings": embedded.output,
         "embed_frames_per_s": embedded.frames_per_second,
-        "model": {k: v for k, v in model.items() if k != "blind_control"},
+        "model": {
+            k: v for k, v in model.items() if k not in ("blind_control", "success_only_control")
+        },
         "blind_control": {"checkpoint": blind.best_checkpoint, "curves": model["blind_control"]},
+        "success_only_control": None
+        if success_only is None
+        else {"checkpoint": success_only.best_checkpoint, "curves": model["success_only_control"]},
     }
     write_json(os.path.join(cfg.workdir, "summary.json"), summary)
     log_summary(summary, os.path.join(cfg.workdir, "summary.json"))
@@ -130,7 +168,8 @@ def log_summary(summary: dict[str, Any], path: str) -> None:
     from rayrm.evaluate.run import metrics_lines
 
     curves = summary["model"]["curves"], summary["blind_control"]["curves"]
-    lines = metrics_lines(*curves, summary["model"].get("instruction"))
+    success_only = (summary.get("success_only_control") or {}).get("curves")
+    lines = metrics_lines(*curves, summary["model"].get("instruction"), success_only)
     logger.info("demo results (held-out episodes)\n%s", "\n".join(lines))
     logger.info(
         "outputs:\n  raw episodes   %s\n  embeddings     %s\n  model          %s\n"

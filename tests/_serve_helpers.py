@@ -6,11 +6,13 @@ from rayrm.evaluate.scorer import RewardScorer
 
 
 def offline(checkpoint, frames, prompt):
-    """(rewards, stages) of RewardScorer stepping one environment frame by frame."""
+    """(rewards, stages, success probabilities) of RewardScorer stepping one environment frame
+    by frame."""
     scorer = RewardScorer.from_checkpoint(checkpoint, "cpu")
     scorer.reset(prompt)
-    rewards, stages = [], []
+    rewards, stages, successes = [], [], []
     for frame in frames:
         rewards.append(float(scorer.step(frame[None])[0]))
         stages.append(None if scorer.last_stage is None else int(scorer.last_stage[0]))
-    return rewards, stages
+        successes.append(None if scorer.last_success is None else float(scorer.last_success[0]))
+    return rewards, stages, successes

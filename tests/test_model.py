@@ -292,10 +292,12 @@ def test_stage_logits_are_raw_and_the_loss_is_cross_entropy_plus_mse():
         visual=visual,
         language=language,
         progress=torch.zeros(3, SEQ_LEN),
+        known=torch.ones(3, dtype=torch.bool),
+        done=torch.zeros(3, SEQ_LEN),
         stage=stage,
         subtask=subtask,
     )
-    loss, got = window_loss(model, batch, gt_stage_prob=1.0)  # every row on the true stage
+    loss, _, got = window_loss(model, batch, gt_stage_prob=1.0)  # every row on the true stage
     expected = torch.nn.functional.cross_entropy(
         got.stage_logits.flatten(0, 1), stage.flatten()
     ) + torch.nn.functional.mse_loss(got.subtask, subtask)

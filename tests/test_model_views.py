@@ -3,6 +3,7 @@ and the state reach the output, and the one-camera model is the one older checkp
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -53,7 +54,9 @@ def test_an_old_single_camera_checkpoint_loads_strictly_and_scores_the_same():
 def test_one_view_without_state_has_exactly_the_old_parameters():
     old_keys = set(load_file(os.path.join(OLD_CHECKPOINT, WEIGHTS)))
     torch.manual_seed(0)
-    model = RewardTransformer(tiny_config(), 6, LANGUAGE_DIM)
+    # the old checkpoint predates the success head too: compare like with like
+    cfg = dataclasses.replace(tiny_config(), success_head=False)
+    model = RewardTransformer(cfg, 6, LANGUAGE_DIM)
     assert set(model.state_dict()) == old_keys
     assert "visual_proj.weight" in old_keys
 

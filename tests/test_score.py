@@ -28,12 +28,12 @@ from rayrm.score.run import run_score
 def _curves(rows: list[dict]) -> pa.Table:
     names = [
         "episode_id", "kind", "frame_index", "causal", "prefix", "causal_stage_pred",
-        "subtask_pred",
+        "subtask_pred", "success_pred",
     ]  # fmt: skip
     return pa.Table.from_pylist([{n: r[n] for n in names} for r in rows])
 
 
-def _row(episode_id, n, kind="episode", stages=(), subtask=()):
+def _row(episode_id, n, kind="episode", stages=(), subtask=(), success=()):
     return {
         "episode_id": episode_id,
         "kind": kind,
@@ -42,6 +42,7 @@ def _row(episode_id, n, kind="episode", stages=(), subtask=()):
         "prefix": [0.1 * (t + 1) for t in range(n)],
         "causal_stage_pred": list(stages),
         "subtask_pred": list(subtask),
+        "success_pred": list(success),
     }
 
 
@@ -53,7 +54,7 @@ def test_frame_rows_lay_out_one_row_per_frame_at_the_given_indices():
     curves = _curves(
         [
             _row("b", 2, stages=[0, 1], subtask=[0.5, 0.25]),
-            _row("a", 3),
+            _row("a", 3, success=[0.0, 0.5, 1.0]),
             _row("a~rewound", 4, kind="rewound"),
         ]
     )
@@ -66,6 +67,7 @@ def test_frame_rows_lay_out_one_row_per_frame_at_the_given_indices():
     assert table.column("progress_sparse").to_pylist() == pytest.approx([0.1, 0.2, 0.1, 0.2, 0.3])
     assert table.column("stage").to_pylist() == [0, 1, None, None, None]  # no stages: null
     assert table.column("subtask_progress").to_pylist() == [0.5, 0.25, None, None, None]
+    assert table.column("success").to_pylist() == [None, None, 0.0, 0.5, 1.0]  # no head: null
     assert table.column("rabc_weight").null_count == 5  # no rabc_chunk: null
 
 

@@ -59,14 +59,16 @@ def test_streams_equal_the_offline_scorer_whatever_the_interleaving(checkpoint):
                     owners.append(i)
                     next_frame[i] += 1
         for i, result in zip(owners, table.step(batch)):
-            got[i].append((result.reward, result.stage, result.step))
+            got[i].append((result.reward, result.stage, result.step, result.success))
         batch_sizes.append(len(batch))
     assert max(batch_sizes) > len(episodes)  # some batches held a stream more than once
     for i, (frames, prompt) in enumerate(zip(episodes, PROMPTS)):
-        rewards, stages = offline(checkpoint, frames, prompt)
+        rewards, stages, successes = offline(checkpoint, frames, prompt)
         np.testing.assert_allclose([g[0] for g in got[i]], rewards, atol=1e-5)
         assert [g[1] for g in got[i]] == stages
         assert [g[2] for g in got[i]] == list(range(1, len(frames) + 1))
+        assert None not in successes  # the checkpoint has a success head
+        np.testing.assert_allclose([g[3] for g in got[i]], successes, atol=1e-5)
 
 
 def test_one_model_call_per_round_and_embeddings_beside_frames(checkpoint):

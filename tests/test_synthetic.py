@@ -338,3 +338,64 @@ def test_failure_modes_are_chosen_in_config_and_hard_ones_need_the_tray() -> Non
     assert counts == {"none": 4, "wrong_target": 2, "stop_short": 2}
     with pytest.raises(ValueError, match="failure_modes"):
         synthetic.validate_config(small_config(failure_modes=["teleport"]))
+
+
+def tray_episode(mode: str, index: int) -> dict:
+    cfg = SynthConfig(distractor=True, destinations=["pot", "tray"])
+    return synthetic.make_episode(np.random.default_rng([11, index]), cfg, mode, "red", "tray")
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_a_tray_task_succeeds_on_the_tray_and_its_wrong_target_is_a_pot_success(index: int):
+    success = tray_episode("none", index)
+    tray_left, tray_right = tray_range(success)
+    end = success["cube_xy"][-1]
+    assert success["success"] and tray_left < end[0] < tray_right
+    assert tray_left < cube_centroid_x(success["side_cam"][-1], success["cube_color"]) < tray_right
+    # A tray task's wrong target is the pot: the same frames as the pot task's success.
+    wrong = tray_episode("wrong_target", index)
+    pot_success = episode("none", index, distractor=True)
+    np.testing.assert_array_equal(wrong["side_cam"], pot_success["side_cam"])
+    assert not wrong["success"] and len(wrong["stage_boundaries"]) == 2
+    # ...and a pot task's wrong target (the tray) is the tray task's success, frame for frame.
+    pot_wrong = episode("wrong_target", index, distractor=True)
+    np.testing.assert_array_equal(pot_wrong["side_cam"], success["side_cam"])
+    # stop short: on the table past the tray, before the pot's wall
+    short = tray_episode("stop_short", index)["cube_xy"][-1]
+    pot_wall = success["pot_interior"][0] - synthetic.POT_WALL
+    assert tray_right < short[0] < pot_wall
+
+
+def test_destinations_make_a_task_per_destination_and_need_the_tray():
+    cfg = small_config(distractor=True, destinations=["pot", "tray"], tasks=["red", "blue"])
+    assert synthetic.task_prompts(cfg) == [
+        "Put the red cube in the pot.",
+        "Put the blue cube in the pot.",
+        "Put the red cube on the tray.",
+        "Put the blue cube on the tray.",
+    ]
+    one = small_config(distractor=True, destinations=["pot", "tray"])
+    assert synthetic.task_prompts(one) == [one.prompt, "Put the cube on the tray."]
+    with pytest.raises(ValueError, match="synth.destinations"):
+        synthetic.validate_config(small_config(destinations=["pot", "tray"]))
+    with pytest.raises(ValueError, match="synth.destinations"):
+        synthetic.validate_config(small_config(distractor=True, destinations=["shelf"]))
+
+
+def test_a_two_destination_file_holds_both_tasks_with_their_outcomes(tmp_path: Path) -> None:
+    cfg = small_config(
+        num_episodes=12,
+        distractor=True,
+        destinations=["pot", "tray"],
+        failure_modes=["wrong_target"],
+        output=str(tmp_path / "two.h5"),
+    )
+    path = synthetic.write_synthetic_dataset(cfg)
+    with h5py.File(path, "r") as f:
+        found = Counter((f[name].attrs["prompt"], bool(f[name].attrs[ATTR_SUCCESS])) for name in f)
+    assert found == {
+        ("Put the cube in the pot.", True): 3,
+        ("Put the cube in the pot.", False): 3,
+        ("Put the cube on the tray.", True): 3,
+        ("Put the cube on the tray.", False): 3,
+    }

@@ -113,6 +113,8 @@ column                   type         meaning
                                       (argmax of the stage head); null otherwise
 ``subtask_progress``     float32      SARM models: the subtask progress head at t, within
                                       ``stage`` (from the prefix pass); null otherwise
+``success``              float32      models with a success head: its probability that the
+                                      task is done at t (prefix pass); null otherwise
 ``rabc_delta``           float32      with ``score.rabc_chunk``: progress[t+N] - progress[t]
 ``rabc_weight``          float32      with ``score.rabc_chunk``: the RA-BC weight (SARM Eq.
                                       8-9, ``rayrm.score.rabc``); null without
@@ -414,6 +416,7 @@ SCORE_PART_SCHEMA = pa.schema(
         pa.field("prefix", pa.float32(), nullable=False),
         pa.field("stage", pa.int32(), nullable=True),
         pa.field("subtask_progress", pa.float32(), nullable=True),
+        pa.field("success", pa.float32(), nullable=True),
     ]
 )
 RABC_FIELDS = [

@@ -249,18 +249,25 @@ def check_columns(table_schema: pa.Schema, required: Iterable[str], where: str) 
 
 
 def split_episodes(
-    episode_ids: list[str], success: list[bool | None], val_ratio: float, seed: int
+    episode_ids: list[str],
+    success: list[bool | None],
+    val_ratio: float,
+    seed: int,
+    strata: list[Any] | None = None,
 ) -> set[str]:
-    """Held-out episode ids: a stable hash order, stratified by the success flag.
+    """Held-out episode ids: a stable hash order, stratified by ``strata`` (one hashable key
+    per episode; default the success flag; training uses (task, success, failure mode)).
 
     The same ids, ratio and seed always give the same split, whatever the shard order, and
-    both successes and failures are held out (AUROC needs both).
+    every stratum of two or more episodes holds some out: successes and failures of each task
+    and of each failure mode (AUROC needs both, per mode).
     """
     if not 0.0 <= val_ratio < 1.0:
         raise ValueError(f"val_ratio must be in [0, 1), got {val_ratio}")
+    strata = list(success) if strata is None else list(strata)
     held_out: set[str] = set()
-    for flag in (True, False, None):
-        ids = [e for e, s in zip(episode_ids, success) if s is flag]
+    for key in sorted(set(strata), key=repr):
+        ids = [e for e, k in zip(episode_ids, strata) if k == key]
         ids.sort(key=lambda e: hashlib.sha1(f"{seed}:{e}".encode()).hexdigest())
         n_val = round(val_ratio * len(ids))
         if val_ratio > 0 and len(ids) >= 2:

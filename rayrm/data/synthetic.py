@@ -47,6 +47,13 @@ of the scene is the same with or without it):
 ``stop_short``    the same, set down on the table just before the pot's wall      2
 ================  ==============================================================  ==========
 
+Two destinations (``synth.destinations: [pot, tray]``, with ``synth.distractor``): every task
+comes twice, "... in the pot." and "... on the tray." (:func:`task_list`); a tray task's expert
+sets the cube on the tray (:func:`tray_motion`), its ``wrong_target`` failure puts it in the
+pot, frame for frame a pot task's success, and its ``stop_short`` sets it down on the table
+just past the tray. So a wrong-target failure differs from a success of the other task only in
+the instruction: the hard case of a real multi-task dataset.
+
 Several tasks (``synth.tasks``, a list of cube colours from :data:`CUBE_COLORS`): each
 episode shows one of them, told apart only by the cube's colour in the frames and by its
 prompt, "Put the <colour> cube in the pot." (``synth.prompt`` is then unused). Scene, stages
@@ -124,6 +131,8 @@ CUBE_COLORS = {  # base RGB per task colour (jittered per episode); red is the o
 }
 DEFAULT_CUBE = "red"
 TASK_PROMPT = "Put the {} cube in the pot."
+DESTINATIONS = ("pot", "tray")
+TRAY_PROMPT = "Put the {}cube on the tray."  # the colour and a space, or nothing
 TASK_STREAM = 7919  # seeds the task plan apart from the episodes' own generators
 # Gripper pointing down: 180 degrees about x, quaternion scalar-last (qx, qy, qz, qw).
 GRIPPER_QUAT = np.array([1.0, 0.0, 0.0, 0.0])
@@ -209,6 +218,18 @@ def validate_config(cfg: SynthConfig) -> None:
         ("noise", cfg.noise >= 0.0, ">= 0"),
         ("tasks", all(t in CUBE_COLORS for t in cfg.tasks), f"colours of {list(CUBE_COLORS)}"),
         ("tasks", len(set(cfg.tasks)) == len(cfg.tasks), "distinct"),
+        (
+            "destinations",
+            bool(cfg.destinations)
+            and all(d in DESTINATIONS for d in cfg.destinations)
+            and len(set(cfg.destinations)) == len(cfg.destinations),
+            f"distinct, of {list(DESTINATIONS)}",
+        ),
+        (
+            "destinations",
+            cfg.distractor or "tray" not in cfg.destinations,
+            "without tray unless synth.distractor (the tray is the distractor)",
+        ),
         ("format", cfg.format in SYNTH_FORMATS, f"one of {list(SYNTH_FORMATS)}"),
         ("fps", cfg.fps >= 1, ">= 1"),
         (
@@ -241,9 +262,23 @@ def plan_failure_modes(cfg: SynthConfig) -> list[str]:
     return modes
 
 
+def task_list(cfg: SynthConfig) -> list[tuple[str, str, str]]:
+    """Every task as (prompt, cube colour, destination): ``synth.prompt`` alone, or one per
+    cube colour; each in every destination of ``synth.destinations`` (pot first)."""
+    tasks = []
+    for destination in cfg.destinations:
+        for cube in cfg.tasks or [DEFAULT_CUBE]:
+            if destination == "tray":
+                prompt = TRAY_PROMPT.format(f"{cube} " if cfg.tasks else "")
+            else:
+                prompt = TASK_PROMPT.format(cube) if cfg.tasks else cfg.prompt
+            tasks.append((prompt, cube, destination))
+    return tasks
+
+
 def task_prompts(cfg: SynthConfig) -> list[str]:
-    """The prompt of every task: ``synth.prompt`` alone, or one per cube colour."""
-    return [TASK_PROMPT.format(c) for c in cfg.tasks] if cfg.tasks else [cfg.prompt]
+    """The prompt of every task (:func:`task_list`)."""
+    return [prompt for prompt, _, _ in task_list(cfg)]
 
 
 def plan_tasks(cfg: SynthConfig, modes: list[str]) -> list[int]:
@@ -397,6 +432,23 @@ def hard_failure_motion(
         )
     short_x = layout.pot_x - layout.pot_width / 2 - layout.cube_size / 2 - 0.03
     return carry_motion(layout, starts, T, draws, short_x, layout.table_y, layout.open_gap)
+
+
+def tray_motion(
+    layout: Layout, starts: np.ndarray, T: int, draws: tuple[float, float], mode: str
+) -> Motion:
+    """The expert's motion when the task's destination is the tray: set on the tray (success,
+    and the base the easy failures are made from), into the pot (``wrong_target``: a pot
+    task's success, frame for frame), or on the table just past the tray (``stop_short``)."""
+    if mode == "wrong_target":
+        return carry_motion(
+            layout, starts, T, draws, layout.pot_x, layout.pot_floor_y, layout.place_gap
+        )
+    if mode == "stop_short":  # the room between tray and pot that add_tray keeps free
+        pot_wall = layout.pot_x - layout.pot_width / 2
+        past_x = (layout.tray_x + layout.tray_width / 2 + pot_wall) / 2
+        return carry_motion(layout, starts, T, draws, past_x, layout.table_y, layout.open_gap)
+    return carry_motion(layout, starts, T, draws, layout.tray_x, layout.tray_top_y, layout.open_gap)
 
 
 def stall_motion(rng: np.random.Generator, expert: Motion, stop: int) -> Motion:
@@ -564,7 +616,12 @@ def pose_and_action(
 
 
 def plan_motion(
-    rng: np.random.Generator, layout: Layout, starts: np.ndarray, T: int, failure_mode: str
+    rng: np.random.Generator,
+    layout: Layout,
+    starts: np.ndarray,
+    T: int,
+    failure_mode: str,
+    destination: str = "pot",
 ) -> tuple[Motion, np.ndarray]:
     """Gripper motion for the mode and the stage boundaries it actually reaches."""
     draws = carry_draws(rng)
@@ -572,11 +629,12 @@ def plan_motion(
         layout, starts, T, draws, layout.pot_x, layout.pot_floor_y, layout.place_gap
     )
     boundaries = starts[1:]
+    if destination == "tray":  # the expert's motion to the tray, or a hard failure's
+        motion = tray_motion(layout, starts, T, draws, failure_mode)
     if failure_mode in HARD_FAILURE_MODES:  # reached the cube and carried it, to elsewhere
-        motion, boundaries = (
-            hard_failure_motion(layout, starts, T, draws, failure_mode),
-            starts[1:3],
-        )
+        if destination == "pot":
+            motion = hard_failure_motion(layout, starts, T, draws, failure_mode)
+        boundaries = starts[1:3]
     elif failure_mode == "stall":
         stage = int(rng.integers(1, 3))  # 0-based: stage 2 or 3
         stop = int(rng.integers(starts[stage] + 1, starts[stage + 1]))
@@ -594,7 +652,11 @@ def plan_motion(
 
 
 def make_episode(
-    rng: np.random.Generator, cfg: SynthConfig, failure_mode: str, cube: str = DEFAULT_CUBE
+    rng: np.random.Generator,
+    cfg: SynthConfig,
+    failure_mode: str,
+    cube: str = DEFAULT_CUBE,
+    destination: str = "pot",
 ) -> dict:
     """One episode: camera frames, pose, actions, labels, and the scene facts tests need
     (``cube_xy`` [T,2] cube centre per frame, ``pot_x`` pot centre, ``pot_interior`` its inner
@@ -610,11 +672,13 @@ def make_episode(
         raise ValueError(f"failure_mode {failure_mode!r} needs synth.distractor (the tray)")
     if cube not in CUBE_COLORS:
         raise ValueError(f"unknown cube colour {cube!r}; one of {list(CUBE_COLORS)}")
+    if destination not in DESTINATIONS or (destination == "tray" and not cfg.distractor):
+        raise ValueError(f"destination {destination!r}: one of {DESTINATIONS}; tray needs the tray")
     layout = sample_layout(rng, cube)
     if cfg.distractor:
         layout = add_tray(rng, layout)
     starts, T = sample_stage_starts(rng, cfg)
-    motion, boundaries = plan_motion(rng, layout, starts, T, failure_mode)
+    motion, boundaries = plan_motion(rng, layout, starts, T, failure_mode, destination)
     cube_xy = cube_track(layout, motion)
     side = render_side(layout, motion, cube_xy, cfg.image_size)
     wrist = render_wrist(side, motion)
@@ -641,12 +705,13 @@ def make_episode(
 
 def synthetic_episodes(cfg: SynthConfig):
     """(prompt, episode) of every synthetic episode, in order, as the HDF5 writer makes them."""
-    prompts, cubes = task_prompts(cfg), cfg.tasks or [DEFAULT_CUBE]
+    tasks = task_list(cfg)
     modes = plan_failure_modes(cfg)
-    tasks = plan_tasks(cfg, modes)
+    chosen = plan_tasks(cfg, modes)
     for index, mode in enumerate(modes):
         rng = np.random.default_rng([cfg.seed, index])
-        yield prompts[tasks[index]], make_episode(rng, cfg, mode, cubes[tasks[index]])
+        prompt, cube, destination = tasks[chosen[index]]
+        yield prompt, make_episode(rng, cfg, mode, cube, destination)
 
 
 # --------------------------------------------------------------------------- HDF5 file

@@ -16,6 +16,8 @@ Three curves per episode (SEED-SPEC §6); every metric is reported for each:
   the episode is; that is what the seed's chaining tries to patch up.)
 
 SARM models also give the predicted stage per frame (``stage_pred``; argmax of the logits).
+Models with a success head give its probability that the task is done at each frame of the
+plain prefix curve (``success_pred``).
 
 Wrong instruction (``final_wrong``, recorded episodes only, when given ``instructions`` of at
 least 2 tasks): the final value of the plain prefix curve when the episode's frames are paired
@@ -71,6 +73,8 @@ CURVE_SCHEMA = pa.schema(
         ("causal_stage_pred", pa.list_(pa.int32())),
         # SARM: the subtask progress head at each prefix's last frame; empty otherwise
         ("subtask_pred", pa.list_(pa.float32())),
+        # the success head's "done" probability at each prefix's last frame; empty without one
+        ("success_pred", pa.list_(pa.float32())),
         # final prefix value under the other tasks' instructions (mean); null when not scored
         ("final_wrong", pa.float32()),
     ]
@@ -246,6 +250,7 @@ class ModelCurves:
             "stage_pred": [] if stage_pred is None else stage_pred.astype(np.int32),
             "causal_stage_pred": causal[1],
             "subtask_pred": _values_or_empty(prefix.get("subtask")),
+            "success_pred": _values_or_empty(prefix.get("success")),
             "final_wrong": self._final_wrong(batch, episode),
         }
 

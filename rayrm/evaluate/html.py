@@ -3,9 +3,10 @@
 Images are embedded as base64 PNGs; videos are embedded too while their total size stays under
 ``evaluate.embed_videos_mb``, and otherwise linked by a path relative to the report (keep the
 ``videos/`` folder beside it). Sections: what was evaluated, how to read it, the metrics table
-(each metric for each curve kind, model beside blind control), the language table (per task,
-final value with the true and with a wrong instruction), the summary figure, then one card per
-episode with its figure and video.
+(each metric for each curve kind, model beside blind control), the failure-mode table (blind /
+success-only / failure-aware, and the episodes flagged as reward hacking), the language table
+(per task, final value with the true and with a wrong instruction), the summary figure, then
+one card per episode with its figure and video.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 from typing import Any
 
 from rayrm.evaluate.curves import CURVE_KINDS
-from rayrm.evaluate.report import json_safe
+from rayrm.evaluate.report import failure_table_rows, json_safe
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1400px; color: #222; }
@@ -90,6 +91,25 @@ def metrics_table(model: dict[str, dict], blind: dict[str, dict] | None) -> str:
     return f"<table class='metrics'><tr><th>metric</th>{head}</tr>{''.join(rows)}</table>"
 
 
+def failure_table(columns: dict[str, dict] | None) -> str:
+    """Per failure mode, plain prefix curves: the blind control, the success-only model and
+    the failure-aware model side by side (``report.failure_table_rows``)."""
+    if not columns or "failure-aware" not in columns:
+        return "<p class='meta'>not computed</p>"
+    head = "".join(f"<th>{html.escape(name)}</th>" for name in columns)
+    rows = []
+    for label, key in failure_table_rows(columns["failure-aware"]):
+        cells = "".join(f"<td>{_fmt(c.get(key))}</td>" for c in columns.values())
+        rows.append(f"<tr><td class='name'>{html.escape(label)}</td>{cells}</tr>")
+    flagged = columns["failure-aware"].get("hacking_episodes") or []
+    listed = html.escape(", ".join(flagged[:50])) or "none"
+    return (
+        f"<table class='metrics'><tr><th>metric</th>{head}</tr>{''.join(rows)}</table>"
+        f"<p class='meta'>flagged as reward hacking (progress near 1, success head says "
+        f"failure): {listed}</p>"
+    )
+
+
 def instruction_table(instruction: dict | None) -> str:
     """Per task and outcome: episodes, then true / wrong / gap for the model and the blind
     control; only the note when the check could not be made (one task)."""
@@ -147,9 +167,11 @@ def write_report(
     cards: list[dict],
     embed_videos_mb: float,
     instruction: dict | None = None,
+    failure_columns: dict[str, dict] | None = None,
 ) -> str:
     """Write the report; returns its path. ``facts`` are shown as a list at the top;
-    ``instruction`` is ``metrics.json["instruction"]``."""
+    ``instruction`` is ``metrics.json["instruction"]``; ``failure_columns`` the prefix
+    metrics of each model for the failure-mode table (name -> metrics)."""
     report_dir = os.path.dirname(os.path.abspath(path))
     video_bytes = sum(os.path.getsize(c["video"]) for c in cards if c.get("video"))
     embed = video_bytes <= embed_videos_mb * 1e6
@@ -161,6 +183,7 @@ def write_report(
 <ul class='meta'>{facts_html}<li><b>written</b>: {time.strftime("%Y-%m-%d %H:%M:%S")}</li></ul>
 <h2>How to read this</h2><ul class='notes'>{notes}</ul>
 <h2>Metrics</h2>{metrics_table(model_metrics, blind_metrics)}
+<h2>Failure modes: blind / success-only / failure-aware</h2>{failure_table(failure_columns)}
 <h2>Language: true vs wrong instruction</h2>{instruction_table(instruction)}
 <h2>Summary</h2><div class='summary'><img alt='summary' src='{summary}'></div>
 <h2>Episodes</h2>

@@ -20,6 +20,11 @@ metric                         meaning
 ``auroc_vs_<mode>``            AUROC of the final value, successes vs the failures of one
                                failure mode (the episodes' ``failure_mode``; e.g.
                                ``auroc_vs_wrong_target``), with ``num_failure_<mode>``
+``success_auroc``              success head (plain prefix curves, models that have one): AUROC
+                               of its final "done" probability, success vs failure flag, and
+                               ``success_auroc_vs_<mode>`` per failure mode
+``hacking_<group>``            episodes flagged as reward hacking (:func:`reward_hacking`) in
+                               each outcome group and failure mode; ``hacking_episodes`` all
 ``rewind_voc_after_turn``      rewound: mean VOC after the turnaround (-1 ideal)
 ``rewind_fall_rate``           rewound: share whose last value is below the turnaround value
 ``rewind_drop_mean``           rewound: mean of value at the turnaround - last value
@@ -96,10 +101,10 @@ def _episode_metrics(rows: dict, kind: str, episodes: list[int], num_stages: int
     return out
 
 
-def failure_mode_metrics(rows: dict, kind: str, episodes: list[int]) -> dict:
+def failure_mode_metrics(rows: dict, kind: str, episodes: list[int], prefix: str = "") -> dict:
     """Per failure mode: AUROC of the successes against that mode's failures alone, so an
-    easy mode cannot hide a hard one in the pooled AUROC."""
-    modes = rows.get("failure_mode") or [None] * len(rows["success"])
+    easy mode cannot hide a hard one in the pooled AUROC (``<prefix>auroc_vs_<mode>``)."""
+    modes = _failure_modes(rows)
     final = {i: float(np.asarray(rows[kind][i])[-1]) for i in episodes}
     successes = [final[i] for i in episodes if rows["success"][i] is not False]
     out = {}
@@ -107,8 +112,55 @@ def failure_mode_metrics(rows: dict, kind: str, episodes: list[int]) -> dict:
         failed = [final[i] for i in episodes if rows["success"][i] is False and modes[i] == mode]
         scores = successes + failed
         labels = [True] * len(successes) + [False] * len(failed)
-        out[f"auroc_vs_{mode}"] = metrics.auroc(scores, labels)
-        out[f"num_failure_{mode}"] = len(failed)
+        out[f"{prefix}auroc_vs_{mode}"] = metrics.auroc(scores, labels)
+        if not prefix:
+            out[f"num_failure_{mode}"] = len(failed)
+    return out
+
+
+def _failure_modes(rows: dict) -> list[str | None]:
+    return rows.get("failure_mode") or [None] * len(rows["success"])
+
+
+def has_success_head(rows: dict, episodes: list[int]) -> bool:
+    predicted = rows.get("success_pred")
+    return bool(episodes) and predicted is not None and all(len(predicted[i]) for i in episodes)
+
+
+def success_head_metrics(rows: dict, episodes: list[int]) -> dict:
+    """The success head's AUROC (final "done" probability), pooled and per failure mode."""
+    final = [float(rows["success_pred"][i][-1]) for i in episodes]
+    labels = [rows["success"][i] is not False for i in episodes]
+    return {
+        "success_auroc": metrics.auroc(final, labels),
+        **failure_mode_metrics(rows, "success_pred", episodes, prefix="success_"),
+    }
+
+
+def reward_hacking(
+    rows: dict,
+    episodes: list[int],
+    groups: list[str],
+    progress_at: float = 0.9,
+    success_below: float = 0.5,
+) -> dict:
+    """Episodes whose plain prefix progress rises to ``progress_at`` or more while the success
+    head's final "done" probability is below ``success_below``: the reward says done, the
+    model's own success head says not. A policy trained on this reward would be paid for
+    exactly such episodes, so they are counted per outcome group and failure mode, and listed.
+    """
+    modes = _failure_modes(rows)
+    flagged = [
+        (i, g)
+        for i, g in zip(episodes, groups)
+        if max(rows["prefix"][i]) >= progress_at and rows["success_pred"][i][-1] < success_below
+    ]
+    out: dict[str, Any] = {
+        f"hacking_{g}": sum(f == g for _, f in flagged) for g in metrics.OUTCOMES
+    }
+    for mode in sorted({modes[i] for i in episodes} - {None}):
+        out[f"hacking_{mode}"] = sum(modes[i] == mode for i, _ in flagged)
+    out["hacking_episodes"] = [rows["episode_id"][i] for i, _ in flagged]
     return out
 
 
@@ -140,18 +192,45 @@ def _rewind_metrics(rows: dict, kind: str) -> dict:
     return out
 
 
-def curve_metrics(rows: dict[str, list], kind: str, num_stages: int, sarm: bool) -> dict:
-    """Every metric of one curve kind (table in the module docstring)."""
+def curve_metrics(
+    rows: dict[str, list],
+    kind: str,
+    num_stages: int,
+    sarm: bool,
+    hacking: tuple[float, float] = (0.9, 0.5),
+) -> dict:
+    """Every metric of one curve kind (table in the module docstring); ``hacking``: the
+    progress and success thresholds of :func:`reward_hacking`."""
     episodes = rows_of_kind(rows, "episode")
     out = _episode_metrics(rows, kind, episodes, num_stages)
+    if kind == "prefix" and has_success_head(rows, episodes):  # the head reads prefixes
+        out.update(success_head_metrics(rows, episodes))
+        groups = outcome_groups(rows, episodes, num_stages)
+        out.update(reward_hacking(rows, episodes, groups, *hacking))
     if sarm:
         out.update(_stage_metrics(rows, kind, episodes))
     out.update(_rewind_metrics(rows, kind))
     return out
 
 
-def all_metrics(rows: dict[str, list], num_stages: int, sarm: bool) -> dict[str, dict]:
-    return {kind: curve_metrics(rows, kind, num_stages, sarm) for kind in CURVE_KINDS}
+def all_metrics(
+    rows: dict[str, list], num_stages: int, sarm: bool, hacking: tuple[float, float] = (0.9, 0.5)
+) -> dict[str, dict]:
+    return {kind: curve_metrics(rows, kind, num_stages, sarm, hacking) for kind in CURVE_KINDS}
+
+
+def failure_table_rows(prefix_metrics: dict) -> list[tuple[str, str]]:
+    """(label, metric) rows of the per-failure-mode comparison, from one model's prefix
+    metrics: AUROC of the final progress and of the success head, pooled and per mode, and
+    the reward-hacking counts."""
+    modes = [k.removeprefix("auroc_vs_") for k in prefix_metrics if k.startswith("auroc_vs_")]
+    rows = [("AUROC success vs failure (progress)", "auroc_success_vs_failure")]
+    rows += [(f"  AUROC vs {m} (progress)", f"auroc_vs_{m}") for m in modes]
+    rows += [("AUROC success vs failure (success head)", "success_auroc")]
+    rows += [(f"  AUROC vs {m} (success head)", f"success_auroc_vs_{m}") for m in modes]
+    rows += [(f"reward-hacking flags, {g}", f"hacking_{g}") for g in metrics.OUTCOMES]
+    rows += [(f"reward-hacking flags, {m}", f"hacking_{m}") for m in modes]
+    return rows
 
 
 INSTRUCTION_FIELDS = ("num_episodes", "final_true", "final_wrong", "gap", "true_above_wrong")

@@ -63,6 +63,7 @@ from rayrm.evaluate.media import MediaJob, render_all
 from rayrm.evaluate.report import (
     all_metrics,
     causal_gap,
+    failure_table_rows,
     instruction_csv,
     instruction_metrics,
     outcome_groups,
@@ -86,6 +87,7 @@ class EvalResult:
     report_path: str | None = None
     rows: dict[str, list] | None = None
     blind_rows: dict[str, list] | None = None
+    success_only_rows: dict[str, list] | None = None
 
 
 # --------------------------------------------------------------------------- inputs
@@ -406,12 +408,12 @@ def instruction_summary(rows: dict, blind_rows: dict | None) -> dict[str, Any]:
     }
 
 
-def _csv_tables(model_metrics: dict, blind_metrics: dict | None, instruction: dict) -> dict:
-    """metrics.csv: every curve metric, plus the instruction table as prefix-curve rows."""
-    tables = {"model": model_metrics, **({"blind": blind_metrics} if blind_metrics else {})}
+def _csv_tables(found: dict[str, dict], instruction: dict) -> dict:
+    """metrics.csv: every curve metric of the model and each control, plus the instruction
+    table as prefix-curve rows."""
     out = {}
-    for name, kinds in tables.items():
-        prefix = {**kinds["prefix"], **instruction_csv(instruction[name])}
+    for name, kinds in found.items():
+        prefix = {**kinds["prefix"], **instruction_csv(instruction.get(name))}
         out[name] = {**kinds, "prefix": prefix}
     return out
 
@@ -421,6 +423,7 @@ def run_evaluate(
     checkpoint: str | None = None,
     title: str = "reward model",
     blind_checkpoint: str | None = None,
+    success_only_checkpoint: str | None = None,
 ) -> EvalResult:
     from rayrm.evaluate.figures import summary_figure
     from rayrm.evaluate.html import write_report
@@ -429,22 +432,30 @@ def run_evaluate(
     checkpoint = (
         checkpoint or ecfg.checkpoint or find_checkpoint(cfg.train.output, cfg.train.run_name)
     )
-    blind_checkpoint = blind_checkpoint or ecfg.blind_checkpoint
+    controls = {
+        "blind": blind_checkpoint or ecfg.blind_checkpoint,
+        "success_only": success_only_checkpoint or ecfg.success_only_checkpoint,
+    }
+    controls = {name: path for name, path in controls.items() if path}
     storage.check_writable(ecfg.output, "evaluate.output")
     if not ecfg.input:
         read_manifest(ecfg.embeddings)
     checkpoint_config = read_checkpoint_config(checkpoint)
     ids = _episode_ids(cfg, checkpoint_config)
-    scored = score_episodes(
-        cfg, [checkpoint] + ([blind_checkpoint] if blind_checkpoint else []), ids
+    scored = dict(
+        zip(["model", *controls], score_episodes(cfg, [checkpoint, *controls.values()], ids))
     )
-    rows, blind_rows = scored[0], (scored[1] if blind_checkpoint else None)
+    rows, blind_rows = scored["model"], scored.get("blind")
     k_model, names, k = stage_facts(cfg, checkpoint_config, rows)
-    model_metrics = all_metrics(rows, k, sarm=k_model > 0)
-    blind_metrics = all_metrics(blind_rows, k, sarm=k_model > 0) if blind_rows else None
+    hacking = (ecfg.hacking_progress, ecfg.hacking_success)
+    found = {
+        name: all_metrics(r, k, sarm=k_model > 0, hacking=hacking) for name, r in scored.items()
+    }
+    model_metrics, blind_metrics = found["model"], found.get("blind")
     result = {
         "checkpoint": checkpoint,
-        "blind_checkpoint": blind_checkpoint,
+        "blind_checkpoint": controls.get("blind"),
+        "success_only_checkpoint": controls.get("success_only"),
         "input": ecfg.input or ecfg.embeddings,
         "split": ecfg.split,
         "blind": bool(checkpoint_config["train"].get("blind", False)),
@@ -453,6 +464,7 @@ def run_evaluate(
         "causal_max_abs_diff": causal_gap(rows),
         "curves": model_metrics,
         "blind_control": blind_metrics,
+        "success_only_control": found.get("success_only"),
         "instruction": instruction_summary(rows, blind_rows),
     }
     # Figures, videos and the page are made by libraries that write local files: on a URL
@@ -460,7 +472,7 @@ def run_evaluate(
     with storage.staged_output(ecfg.output) as out:
         metrics_path = os.path.join(out, "metrics.json")
         write_json(metrics_path, result)
-        csv_tables = _csv_tables(model_metrics, blind_metrics, result["instruction"])
+        csv_tables = _csv_tables(found, result["instruction"])
         write_csv(os.path.join(out, "metrics.csv"), csv_tables)
         for name, kind in (("curves.json", "episode"), ("rewound_curves.json", "rewound")):
             keep = rows_of_kind(rows, kind)
@@ -484,7 +496,10 @@ def run_evaluate(
         if ecfg.report:
             facts = {
                 "checkpoint": checkpoint,
-                "blind control": blind_checkpoint or "none (set evaluate.blind_checkpoint)",
+                "blind control": controls.get("blind", "none (set evaluate.blind_checkpoint)"),
+                "success-only control": controls.get(
+                    "success_only", "none (set evaluate.success_only_checkpoint)"
+                ),
                 "model": f"SARM, K={k_model} ({', '.join(names)})" if k_model else "continuous",
                 "episodes": f"{len(rows_of_kind(rows, 'episode'))} ({ecfg.split}) from "
                 f"{ecfg.input or ecfg.embeddings}",
@@ -501,14 +516,23 @@ def run_evaluate(
                 cards,
                 ecfg.embed_videos_mb,
                 instruction=result["instruction"],
+                failure_columns=failure_columns(found),
             )
     final = storage.absolute(ecfg.output)
     metrics_path = storage.join(final, "metrics.json")
     plot_path = storage.join(final, "reward_curves.png")
     report_path = storage.join(final, "report.html") if report_path else None
     logger.info("wrote %s, %s and %s", metrics_path, plot_path, report_path or "no report")
-    log_metrics(model_metrics, blind_metrics, result["instruction"])
-    return EvalResult(result, metrics_path, plot_path, report_path, rows, blind_rows)
+    log_metrics(model_metrics, blind_metrics, result["instruction"], found.get("success_only"))
+    return EvalResult(
+        result, metrics_path, plot_path, report_path, rows, blind_rows, scored.get("success_only")
+    )
+
+
+def failure_columns(found: dict[str, dict]) -> dict[str, dict]:
+    """The per-failure-mode comparison's columns, prefix curves: blind, success-only, model."""
+    names = {"blind": "blind", "success_only": "success-only", "model": "failure-aware"}
+    return {names[n]: found[n]["prefix"] for n in ("blind", "success_only", "model") if n in found}
 
 
 KEY_METRICS = [
@@ -522,7 +546,14 @@ KEY_METRICS = [
 ]
 
 
-def metrics_lines(model: dict, blind: dict | None, instruction: dict | None = None) -> list[str]:
+def metrics_lines(
+    model: dict,
+    blind: dict | None,
+    instruction: dict | None = None,
+    success_only: dict | None = None,
+) -> list[str]:
+    """Key metrics per curve kind, the model beside its controls; then, when a success-only
+    control or a success head is there, the per-failure-mode comparison (prefix curves)."""
     lines = [f"{'':42s} {'model':>8s} {'blind':>8s}"]
     for kind in model:
         lines.append(f"-- {kind} curves")
@@ -533,8 +564,25 @@ def metrics_lines(model: dict, blind: dict | None, instruction: dict | None = No
                 continue
             b = blind[kind].get(key) if blind else None
             lines.append(f"{label:42s} {_fmt(model[kind][key]):>8s} {_fmt(b):>8s}")
+    if model and ("success_auroc" in model["prefix"] or success_only):
+        found = {"model": model, "blind": blind, "success_only": success_only}
+        lines += failure_lines(failure_columns({k: v for k, v in found.items() if v}))
     if instruction is not None:
         lines += instruction_lines(instruction)
+    return lines
+
+
+def failure_lines(columns: dict[str, dict]) -> list[str]:
+    """The per-failure-mode table: one column per model (prefix curves), n/a where a model
+    has no such metric (the blind control's success head sees zeros, so it is near 0.5)."""
+    model = columns["failure-aware"]
+    lines = [
+        "-- per failure mode (plain prefix curves)",
+        f"{'':42s} " + " ".join(f"{name:>13s}" for name in columns),
+    ]
+    for label, key in failure_table_rows(model):
+        values = " ".join(f"{_fmt(c.get(key)):>13s}" for c in columns.values())
+        lines.append(f"{label[:42]:42s} {values}")
     return lines
 
 
@@ -555,9 +603,14 @@ def instruction_lines(instruction: dict) -> list[str]:
     return lines
 
 
-def log_metrics(model: dict, blind: dict | None, instruction: dict | None = None) -> None:
-    logger.info("evaluation\n%s", "\n".join(metrics_lines(model, blind, instruction)))
+def log_metrics(
+    model: dict, blind: dict | None, instruction: dict | None = None, success_only=None
+) -> None:
+    lines = metrics_lines(model, blind, instruction, success_only)
+    logger.info("evaluation\n%s", "\n".join(lines))
 
 
 def _fmt(value) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
     return "n/a" if value is None or value != value else f"{value:.3f}"

@@ -51,18 +51,27 @@ def raw_frames_refused(model, config: dict) -> str | None:
 
 
 def window_outputs(model, visual: torch.Tensor, language: torch.Tensor | None) -> dict:
-    """Every head's output for windows [B, L, D]: progress [B, L], stage [B, L] or None."""
+    """Every head's output for windows [B, L, D]: progress [B, L], stage [B, L] or None,
+    success [B, L] ("done" probability) or None."""
     if hasattr(model, "forward_all"):
         out = model.forward_all(visual, language)
-        return {"progress": out.progress, "stage": out.stage, "subtask": out.subtask}
-    return {"progress": model(visual, language), "stage": None, "subtask": None}
+        logit = out.success_logit
+        success = None if logit is None else torch.sigmoid(logit)
+        return {
+            "progress": out.progress,
+            "stage": out.stage,
+            "subtask": out.subtask,
+            "success": success,
+        }
+    return {"progress": model(visual, language), "stage": None, "subtask": None, "success": None}
 
 
 def causal_outputs(
     model, windows: torch.Tensor, language: torch.Tensor, count: torch.Tensor, blind: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The reward after frame ``count`` of each row: progress float32 [B] and, for SARM
-    models, the stage [B]. ``windows`` [B, L, D] are each row's frames at
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The reward after frame ``count`` of each row: progress float32 [B], for SARM models the
+    stage [B], for models with a success head its "done" probability float32 [B] (else None).
+    ``windows`` [B, L, D] are each row's frames at
     ``sequence_positions(count, L)``; the value is read at the window slot of the last frame.
     Shared by :class:`RewardScorer` and the served streams (``rayrm.serve``) so both give
     the same numbers."""
@@ -73,7 +82,8 @@ def causal_outputs(
     read = torch.clamp(count - 1, max=windows.shape[1] - 1).unsqueeze(1)
     progress = out["progress"].gather(1, read).squeeze(1).float()
     stage = None if out["stage"] is None else out["stage"].gather(1, read).squeeze(1)
-    return progress, stage
+    success = None if out["success"] is None else out["success"].gather(1, read).squeeze(1)
+    return progress, stage, None if success is None else success.float()
 
 
 class RewardScorer:
@@ -95,6 +105,8 @@ class RewardScorer:
         # Each environment's prompt: VLM backbones (language_dim 0) read it with every frame.
         self.prompts: list[str] = []
         self.last_stage: np.ndarray | None = None  # SARM: predicted stage at the last step
+        # success head: "done" probability at the last step (None without the head)
+        self.last_success: np.ndarray | None = None
 
     @classmethod
     def from_checkpoint(
@@ -225,11 +237,13 @@ class RewardScorer:
         self.lengths[ids] += 1
         count = self.lengths[ids]
         windows = self.history[ids.unsqueeze(1), sequence_positions(count, self.seq_len)]
-        progress, stage = causal_outputs(
+        progress, stage, success = causal_outputs(
             self.model, windows, self.language[ids], count, blind=self.blind
         )
         if stage is not None:
             self.last_stage = stage.cpu().numpy()
+        if success is not None:
+            self.last_success = success.cpu().numpy()
         return progress.cpu().numpy()
 
 

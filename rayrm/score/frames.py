@@ -76,6 +76,7 @@ def frame_rows(curves: pa.Table, placement: dict[str, Placement]) -> pa.Table:
         parts["prefix"].append(np.asarray(row["prefix"], np.float32))
         parts["stage"].append(_or_nulls(row["causal_stage_pred"], len(frames)))
         parts["subtask_progress"].append(_or_nulls(row["subtask_pred"], len(frames)))
+        parts["success"].append(_or_nulls(row["success_pred"], len(frames)))
     if not parts["index"]:
         return schema.SCORE_PART_SCHEMA.empty_table()
     columns = {k: np.concatenate(v) for k, v in parts.items()}

@@ -22,7 +22,8 @@ HTTP API (``serve.route_prefix``, default ``/``; encodings of a step in ``rayrm.
 
     GET    /info                       model facts: visual_dim, window, num_stages, ...
     POST   /streams                    {"prompt": "..."}  ->  {"stream": "<id>"}
-    POST   /streams/<id>/step          a frame or embedding  ->  {"reward", "step", "stage"}
+    POST   /streams/<id>/step          a frame or embedding  ->  {"reward", "step", "stage",
+                                                             "success"}
     POST   /steps                      N streams' frames at once  ->  {"results": [...]}
     GET    /streams/<id>               the stream's step count and its replica's facts
     DELETE /streams/<id>               ->  {"closed": "<id>"}
@@ -152,8 +153,8 @@ class RewardHTTP:
             return JSONResponse({"error": err.message}, status_code=err.status)
 
     async def _route(self, request: Request) -> dict:
-        parts = [p for p in request.url.path.removeprefix(request.scope["root_path"]).split("/")]
-        parts = [p for p in parts if p]
+        path = request.url.path.removeprefix(request.scope["root_path"])
+        parts = [p for p in path.split("/") if p]
         method = request.method
         if method == "GET" and parts == ["info"]:
             return await call_model(self.model.info.remote())

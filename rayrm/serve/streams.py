@@ -82,6 +82,8 @@ class StepResult:
     reward: float  # causal progress after this frame, in [0, 1]
     step: int  # frames seen by the stream, this one included
     stage: int | None = None  # SARM checkpoints: the predicted stage
+    # checkpoints with a success head: the probability that the task is done at this frame
+    success: float | None = None
 
 
 class StreamTable:
@@ -267,13 +269,19 @@ class StreamTable:
         positions = sequence_positions(count, self.seq_len)
         windows = torch.stack([s.history[p] for s, p in zip(streams, positions)])
         language = torch.stack([s.language for s in streams])
-        progress, stage = causal_outputs(self.model, windows, language, count, self.blind)
+        progress, stage, success = causal_outputs(self.model, windows, language, count, self.blind)
         self.steps_done += len(streams)
         self.model_calls += 1
         progress = progress.cpu().numpy()
         stage = None if stage is None else stage.cpu().numpy()
+        success = None if success is None else success.cpu().numpy()
         return [
-            StepResult(float(progress[n]), s.length, None if stage is None else int(stage[n]))
+            StepResult(
+                float(progress[n]),
+                s.length,
+                None if stage is None else int(stage[n]),
+                None if success is None else float(success[n]),
+            )
             for n, s in enumerate(streams)
         ]
 

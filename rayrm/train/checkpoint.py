@@ -84,8 +84,10 @@ def read_checkpoint_config(path: str) -> dict[str, Any]:
 def load_model(path: str, device: torch.device | str = "cpu") -> tuple[RewardTransformer, dict]:
     """Rebuild the model from ``config.json`` and load its safetensors weights (strict)."""
     config = read_checkpoint_config(path)
+    # Checkpoints written before the success head existed have no such setting and no head.
+    model_settings = {"success_head": False, **config["model"]}
     model = RewardTransformer(
-        from_dict(ModelConfig, config["model"]),
+        from_dict(ModelConfig, model_settings),
         config["visual_dim"],
         config["language_dim"],
         view_dims=config.get("view_dims"),  # absent in single-camera checkpoints made before

@@ -15,6 +15,7 @@ failure Ray Train restarts the workers and ``ray.train.get_checkpoint()`` resume
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -45,7 +46,14 @@ from rayrm.runtime import setup_logging
 from rayrm.train.checkpoint import WEIGHTS, load_train_state, save_checkpoint
 from rayrm.train.model import ModelOutput, RewardTransformer
 from rayrm.train.tracking import Trackers
-from rayrm.train.windows import WindowBatch, sample_windows
+from rayrm.train.windows import (
+    PrefixBatch,
+    RankTable,
+    WindowBatch,
+    rank_table,
+    sample_rank_pairs,
+    sample_windows,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +69,11 @@ class DeviceEpisodes:
     task: torch.Tensor  # int64 [N], index of the episode's prompt in the task table
     lengths: torch.Tensor  # int64 [N]
     offsets: torch.Tensor  # int64 [N + 1]
+    success: torch.Tensor  # bool [N]: not a failure (progress targets hold)
     host: EpisodeBatch
     stage: torch.Tensor | None = None  # int64 [sum T] (SARM)
     subtask: torch.Tensor | None = None  # float32 [sum T] (SARM)
+    ranks: RankTable | None = None  # (success, failure) pairs of a task; None without any
 
     @classmethod
     def from_batch(cls, batch: EpisodeBatch, device, blind: bool, tasks: list[str]):
@@ -73,12 +83,16 @@ class DeviceEpisodes:
         if blind:  # the blind control sees only zeros
             visual, language = torch.zeros_like(visual), torch.zeros_like(language)
         task_index = {prompt: i for i, prompt in enumerate(tasks)}
+        task = torch.tensor([task_index[p] for p in batch.prompts], device=device)
+        success = torch.tensor([s is not False for s in batch.success], device=device)
         return cls(
             visual=visual,
             language=language,
-            task=torch.tensor([task_index[p] for p in batch.prompts], device=device),
+            task=task,
             lengths=torch.from_numpy(batch.lengths).to(device),
             offsets=torch.from_numpy(batch.offsets).to(device),
+            success=success,
+            ranks=rank_table(task, success),
             host=batch,
             stage=None if batch.stage is None else torch.from_numpy(batch.stage).to(device),
             subtask=None if batch.subtask is None else torch.from_numpy(batch.subtask).to(device),
@@ -142,6 +156,8 @@ class Inputs:
     visual: torch.Tensor  # [B, L, D]
     language: torch.Tensor  # [B, D_lang]
     progress: torch.Tensor  # [B, L] ReWIND targets
+    known: torch.Tensor  # bool [B]: the progress/stage targets hold (not a failure's window)
+    done: torch.Tensor  # float32 [B, L] success-head labels: 1 = the task is done here
     stage: torch.Tensor | None = None  # [B, L] SARM stage targets
     subtask: torch.Tensor | None = None  # [B, L] SARM subtask-progress targets
 
@@ -152,17 +168,28 @@ def window_inputs(
     task_language: torch.Tensor | None = None,
     mismatch_prob: float = 0.0,
     generator: torch.Generator | None = None,
+    success_from: float = 0.9,
 ) -> Inputs:
     """Gather a batch of windows from the episode buffer.
 
+    Labels: progress (and SARM stage) targets hold for successful episodes only (``known``);
+    the success head's label is 1 on a success's frames from ``success_from`` of the episode
+    on, 0 everywhere else (every frame of a failure).
+
     With ``mismatch_prob`` > 0, that share of windows gets another task's instruction (drawn
     from ``task_language``, never its own) and a target of 0: progress toward a task that is
-    not being done (ReWiND's mismatched-instruction negatives; in SARM mode stage 0, subtask 0).
+    not being done (ReWiND's mismatched-instruction negatives; in SARM mode stage 0, subtask 0;
+    the success label 0), known for failures' windows too.
     """
+    known = episodes.success[windows.episode]
+    length = episodes.lengths[windows.episode].unsqueeze(1).to(torch.float32)
+    late = (windows.local_frame + 1).to(torch.float32) / length >= success_from
     inputs = Inputs(
         visual=episodes.visual[windows.frame_index],
         language=episodes.language[windows.episode],
         progress=windows.target,
+        known=known,
+        done=(late & known.unsqueeze(1)).to(torch.float32),
     )
     if episodes.stage is not None:
         inputs.stage = episodes.stage[windows.frame_index]
@@ -174,40 +201,149 @@ def window_inputs(
         other = torch.randint(n_tasks - 1, (batch,), generator=generator, device=own.device)
         other = other + (other >= own).long()  # any task but its own
         inputs.language = torch.where(swap[:, None], task_language[other], inputs.language)
-        for name in ("progress", "stage", "subtask"):
+        for name in ("progress", "stage", "subtask", "done"):
             value = getattr(inputs, name)
             if value is not None:
                 setattr(inputs, name, torch.where(swap[:, None], torch.zeros_like(value), value))
+        inputs.known = known | swap
     return inputs
 
 
-def window_loss(
-    model, inputs: Inputs, gt_stage_prob: float, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, ModelOutput]:
-    """ReWIND: MSE on progress. SARM: MSE on subtask progress + cross-entropy on stage logits
-    (the subtask head sees the true stage in ``gt_stage_prob`` of the windows)."""
+@dataclass
+class RankInputs:
+    """(success, failure) prefix pairs of one task at one relative time tau."""
+
+    success: PrefixBatch
+    failure: PrefixBatch
+    tau: torch.Tensor  # float32 [P]
+
+    def visual(self, episodes: DeviceEpisodes) -> torch.Tensor:
+        frames = torch.cat([self.success.frame_index, self.failure.frame_index])
+        return episodes.visual[frames]
+
+    def language(self, episodes: DeviceEpisodes) -> torch.Tensor:
+        return episodes.language[torch.cat([self.success.episode, self.failure.episode])]
+
+
+@dataclass
+class LossWeights:
+    """Weights of the failure-aware terms (``train.success_weight``, ``train.rank_weight``)."""
+
+    success: float = 0.0
+    rank: float = 0.0
+    rank_scale: float = 10.0
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> LossWeights:
+        return cls(cfg.success_weight, cfg.rank_weight, cfg.rank_scale)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the entries where ``mask`` holds; 0 (still in the graph) when none does."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def progress_terms(out: ModelOutput, inputs: Inputs) -> dict[str, torch.Tensor]:
+    """ReWIND: MSE on progress. SARM: MSE on subtask progress + cross-entropy on the stage
+    logits. Only where targets hold (``known``, and for SARM an annotated frame)."""
+    rows = inputs.known.unsqueeze(1).expand_as(inputs.progress)
     if inputs.stage is None:
-        out = model(inputs.visual, inputs.language, return_all=True)
-        return F.mse_loss(out.progress.float(), inputs.progress), out
-    batch = len(inputs.stage)
-    use_true = torch.rand(batch, generator=generator, device=inputs.stage.device) < gt_stage_prob
-    out = model(inputs.visual, inputs.language, inputs.stage, use_true, return_all=True)
-    subtask = F.mse_loss(out.subtask.float(), inputs.subtask)
-    stage = F.cross_entropy(out.stage_logits.float().flatten(0, 1), inputs.stage.flatten())
-    return subtask + stage, out
+        error = (out.progress.float() - inputs.progress) ** 2
+        return {"progress": masked_mean(error, rows)}
+    labelled = rows & (inputs.stage >= 0)
+    subtask_target = torch.where(labelled, inputs.subtask, torch.zeros_like(inputs.subtask))
+    error = (out.subtask.float() - subtask_target) ** 2
+    stage_target = torch.where(labelled, inputs.stage, torch.full_like(inputs.stage, -100))
+    logits = out.stage_logits.float().flatten(0, 1)
+    stage = F.cross_entropy(logits, stage_target.flatten(), ignore_index=-100, reduction="sum")
+    return {
+        "progress": masked_mean(error, labelled),
+        "stage": stage / labelled.sum().clamp_min(1),
+    }
+
+
+def rank_loss(progress: torch.Tensor, pairs: RankInputs, scale: float) -> torch.Tensor:
+    """Bradley-Terry preference of the success's prefix over the failure's (Robometer's
+    trajectory comparison), read where the plain prefix curve reads: -log sigmoid(scale *
+    (p_s - p_f)), weighted by tau so late prefixes, where the outcome shows, count most.
+    ``progress`` [2P, L]: the success rows, then the failure rows."""
+    n = len(pairs.tau)
+    p_success = progress[:n].gather(1, pairs.success.read.unsqueeze(1)).squeeze(1)
+    p_failure = progress[n:].gather(1, pairs.failure.read.unsqueeze(1)).squeeze(1)
+    losses = F.softplus(-scale * (p_success.float() - p_failure.float()))
+    return (pairs.tau * losses).sum() / pairs.tau.sum()
+
+
+def window_loss(
+    model,
+    inputs: Inputs,
+    gt_stage_prob: float,
+    generator: torch.Generator | None = None,
+    weights: LossWeights | None = None,
+    pairs: RankInputs | None = None,
+    episodes: DeviceEpisodes | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], ModelOutput]:
+    """The training loss, its terms, and the windows' outputs. One forward pass holds the
+    windows and, when given, the rank ``pairs``' prefixes (gathered from ``episodes``):
+
+    * progress terms (:func:`progress_terms`; the subtask head sees the true stage in
+      ``gt_stage_prob`` of the windows);
+    * ``success``: binary cross-entropy of the success head against ``inputs.done``;
+    * ``rank``: :func:`rank_loss` on the pairs.
+    """
+    weights = weights or LossWeights()
+    batch = len(inputs.visual)
+    visual, language = inputs.visual, inputs.language
+    if pairs is not None:
+        visual = torch.cat([visual, pairs.visual(episodes)])
+        language = torch.cat([language, pairs.language(episodes)])
+    stage = use_true = None
+    if inputs.stage is not None:
+        use_true = torch.rand(batch, generator=generator, device=visual.device) < gt_stage_prob
+        stage = inputs.stage.clamp_min(0)  # unlabelled frames: masked out of the loss
+        if pairs is not None:  # prefixes see their predicted stage, as at inference
+            extra = len(visual) - batch
+            stage = torch.cat([stage, stage.new_zeros(extra, stage.shape[1])])
+            use_true = torch.cat([use_true, use_true.new_zeros(extra)])
+    out = model(visual, language, stage, use_true, return_all=True)
+    windows = _rows(out, slice(0, batch))
+    terms = progress_terms(windows, inputs)
+    total = sum(terms.values())
+    if out.success_logit is not None:  # always in the graph, so DDP sees every parameter
+        terms["success"] = F.binary_cross_entropy_with_logits(
+            windows.success_logit.float(), inputs.done
+        )
+        total = total + weights.success * terms["success"]
+    if pairs is not None:
+        terms["rank"] = rank_loss(out.progress[batch:], pairs, weights.rank_scale)
+        total = total + weights.rank * terms["rank"]
+    return total, terms, windows
+
+
+def _rows(out: ModelOutput, rows: slice) -> ModelOutput:
+    values = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+    return ModelOutput(**{k: None if v is None else v[rows] for k, v in values.items()})
 
 
 @torch.no_grad()
 def validate(
-    model: RewardTransformer, val: DeviceEpisodes, windows: WindowBatch, autocast
+    model: RewardTransformer,
+    val: DeviceEpisodes,
+    windows: WindowBatch,
+    autocast,
+    success_from: float = 0.9,
 ) -> dict[str, float]:
-    """Loss on fixed held-out windows (stages as predicted, like inference), stage accuracy for
-    SARM models, and VOC of the plain prefix curves of expert episodes."""
+    """Progress loss on fixed held-out expert windows (stages as predicted, like inference),
+    the success head's loss on them, stage accuracy for SARM models, and VOC of the plain
+    prefix curves of expert episodes."""
     model.eval()
     with autocast():
-        inputs = window_inputs(val, windows)
-        loss, out = window_loss(model, inputs, gt_stage_prob=0.0)
-        scores = {"val_loss": loss.item()}
+        inputs = window_inputs(val, windows, success_from=success_from)
+        _, terms, out = window_loss(model, inputs, gt_stage_prob=0.0)
+        scores = {"val_loss": sum(v.item() for k, v in terms.items() if k != "success")}
+        if "success" in terms:
+            scores["val_success_loss"] = terms["success"].item()
         if out.stage_logits is not None:
             correct = out.stage_logits.argmax(-1) == inputs.stage
             scores["val_stage_accuracy"] = correct.float().mean().item()
@@ -284,7 +420,9 @@ class Worker:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def validate(self) -> dict[str, float]:
-        return validate(self.raw_model, self.val, self.val_windows, self.autocast)
+        return validate(
+            self.raw_model, self.val, self.val_windows, self.autocast, self.cfg.success_from
+        )
 
 
 def build_worker(config: dict[str, Any]) -> Worker:
@@ -380,7 +518,20 @@ def _report(worker: Worker, step: int, scalars: dict, meta: dict, trackers: Trac
         )
 
 
-def train_step(worker: Worker, generator: torch.Generator, seq_len: int) -> torch.Tensor:
+def rank_inputs(worker: Worker, generator: torch.Generator, seq_len: int) -> RankInputs | None:
+    """This step's (success, failure) pairs, or None (no weight, or no pair on this rank)."""
+    cfg, train = worker.cfg, worker.train
+    pairs = max(1, cfg.rank_pairs // worker.world)
+    if cfg.rank_weight == 0 or cfg.rank_pairs == 0 or train.ranks is None:
+        return None
+    success, failure, tau = sample_rank_pairs(
+        train.ranks, train.lengths, train.offsets, pairs, seq_len, cfg.rank_min_tau, generator
+    )
+    return RankInputs(success, failure, tau)
+
+
+def train_step(worker: Worker, generator: torch.Generator, seq_len: int) -> dict[str, torch.Tensor]:
+    """One optimizer step; returns the loss and each of its terms (detached)."""
     cfg = worker.cfg
     windows = sample_windows(
         worker.train.lengths,
@@ -391,16 +542,34 @@ def train_step(worker: Worker, generator: torch.Generator, seq_len: int) -> torc
         generator,
     )
     inputs = window_inputs(
-        worker.train, windows, worker.task_language, cfg.mismatch_prob, generator
+        worker.train, windows, worker.task_language, cfg.mismatch_prob, generator, cfg.success_from
     )
+    pairs = rank_inputs(worker, generator, seq_len)
     with worker.autocast():
-        loss, _ = window_loss(worker.model, inputs, cfg.gt_stage_prob, generator)
+        loss, terms, _ = window_loss(
+            worker.model,
+            inputs,
+            cfg.gt_stage_prob,
+            generator,
+            LossWeights.of(cfg),
+            pairs,
+            worker.train,
+        )
     worker.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(worker.model.parameters(), cfg.grad_clip)
     worker.optimizer.step()
     worker.schedule.step()
-    return loss.detach()
+    return {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
+
+
+def mean_losses(steps: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Mean of each loss term over the steps: ``train_loss``, ``train_<term>_loss``."""
+    names = {"loss": "train_loss"}
+    return {
+        names.get(k, f"train_{k}_loss"): torch.stack([s[k] for s in steps]).mean().item()
+        for k in steps[0]
+    }
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -426,7 +595,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             seconds = time.perf_counter() - tick
             scalars = {
                 "step": step,
-                "train_loss": torch.stack(losses).mean().item(),
+                **mean_losses(losses),
                 "lr": worker.schedule.get_last_lr()[0],
                 "windows_per_s": len(losses) * cfg.batch_size / max(seconds, 1e-9),
             }

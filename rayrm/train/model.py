@@ -15,6 +15,13 @@ checkpoint): random or frozen features barely change within an episode, and the 
 learns from them once each dimension is on a common scale (SEED-SPEC, measured defects).
 Order is carried by the causal mask; a learned vector marks the first video token (seed).
 
+Success head (``model.success_head``, on by default): a per-frame logit of "the task is done
+at this frame", on the same hidden states as the progress head. It is what a model learns from
+failed episodes, which have no progress label: every frame of a failure is "not done", the last
+frames of a success are "done" (``rayrm.train.loop``; Robometer's per-frame success head).
+Progress says how far along the motion is; the success head says whether it reached the goal,
+so a fluent motion to the wrong place can score high progress and low success.
+
 Several cameras and the robot state (``embed.cameras``, ``embed.state``). A frame vector is
 ``[view_0 | view_1 | ... | state]`` (``view_dims``, ``state_dim``; the shards' frame layout,
 ``rayrm.data.schema.FrameLayout``), standardised as a whole like one camera's. Per timestep
@@ -120,6 +127,11 @@ class RewardTransformer(nn.Module):
             self.head = nn.Sequential(
                 _trunk(d, cfg.head_hidden, cfg.dropout), nn.Linear(cfg.head_hidden, 1), nn.Sigmoid()
             )
+        self.success_head = None
+        if cfg.success_head:
+            self.success_head = nn.Sequential(
+                _trunk(d, cfg.head_hidden, cfg.dropout), nn.Linear(cfg.head_hidden, 1)
+            )
         self.register_buffer("visual_mean", torch.zeros(visual_dim))
         self.register_buffer("visual_std", torch.ones(visual_dim))
         self.register_buffer("language_mean", torch.zeros(language_dim))
@@ -183,8 +195,9 @@ class RewardTransformer(nn.Module):
         ``use_given_stage`` [B]: those rows condition the subtask head on the given stage, the
         others on the predicted one (as at inference, where no stage is given)."""
         h = self.encode(visual, language)
+        success = None if self.success_head is None else self.success_head(h).squeeze(-1)
         if self.cfg.num_stages == 0:
-            return ModelOutput(progress=self.head(h).squeeze(-1))
+            return ModelOutput(progress=self.head(h).squeeze(-1), success_logit=success)
         features = self.trunk(h)
         logits = self.stage_head(features)
         predicted = logits.argmax(-1)
@@ -195,7 +208,13 @@ class RewardTransformer(nn.Module):
         one_hot = nn.functional.one_hot(stage, self.cfg.num_stages).to(features.dtype)
         subtask = self.subtask_head(torch.cat([features, one_hot], -1)).squeeze(-1)
         progress = self.cumulative_prior[stage] + self.stage_prior[stage] * subtask
-        return ModelOutput(progress=progress, stage_logits=logits, subtask=subtask, stage=stage)
+        return ModelOutput(
+            progress=progress,
+            stage_logits=logits,
+            subtask=subtask,
+            stage=stage,
+            success_logit=success,
+        )
 
     def forward(
         self,
@@ -218,13 +237,19 @@ class RewardTransformer(nn.Module):
 
         Prefix i (frames 0..i) is padded/subsampled to L like a training window; its values are
         the outputs at position min(i, L-1), i.e. at the prefix's last frame. Returns
-        ``progress`` float32 [T], and for SARM models ``stage`` int64 [T] (argmax) and
-        ``subtask`` float32 [T] (None otherwise).
+        ``progress`` float32 [T]; for SARM models ``stage`` int64 [T] (argmax) and
+        ``subtask`` float32 [T]; with a success head ``success`` float32 [T], the probability
+        that the task is done (None where the model has no such head).
         """
         num_frames, seq_len = visual.shape[0], self.cfg.max_seq_len
         positions = prefix_positions(num_frames, seq_len, device=visual.device)
         read = prefix_read_position(num_frames, seq_len, device=visual.device)
-        parts: dict[str, list[torch.Tensor]] = {"progress": [], "stage": [], "subtask": []}
+        parts: dict[str, list[torch.Tensor]] = {
+            "progress": [],
+            "stage": [],
+            "subtask": [],
+            "success": [],
+        }
         for start in range(0, num_frames, batch_size):
             rows = slice(start, start + batch_size)
             seqs = visual[positions[rows]]
@@ -235,6 +260,9 @@ class RewardTransformer(nn.Module):
             if out.stage is not None:
                 parts["stage"].append(out.stage.gather(1, at).squeeze(1))
                 parts["subtask"].append(out.subtask.gather(1, at).squeeze(1).float())
+            if out.success_logit is not None:
+                success = out.success_logit.gather(1, at).squeeze(1).float()
+                parts["success"].append(torch.sigmoid(success))
         return {k: torch.cat(v) if v else None for k, v in parts.items()}
 
     @torch.no_grad()
@@ -251,6 +279,7 @@ class ModelOutput:
     stage_logits: torch.Tensor | None = None  # [B, L, K] (SARM)
     subtask: torch.Tensor | None = None  # [B, L] (SARM)
     stage: torch.Tensor | None = None  # [B, L] stage that conditioned the subtask head
+    success_logit: torch.Tensor | None = None  # [B, L] "done at this frame" (success head)
 
 
 def _trunk(d_model: int, hidden: int, dropout: float) -> nn.Sequential:

@@ -59,7 +59,15 @@ def make_split(cfg: Config, index: pa.Table) -> EpisodeSplit:
         logger.warning("skipping %d episode(s) shorter than 4 frames: %s", len(short), short[:5])
     if len(short) == len(ids):
         raise ShardError(f"no episode has the {schema.MIN_EPISODE_FRAMES} frames a window needs")
-    held_out = split_episodes(ids, success, cfg.train.val_ratio, cfg.train.seed) - set(short)
+    prompts = index.column("prompt").to_pylist()
+    modes = (
+        index.column("failure_mode").to_pylist()
+        if "failure_mode" in index.column_names
+        else [None] * len(ids)
+    )
+    strata = list(zip(prompts, success, modes))  # held out per task, outcome and failure mode
+    held_out = split_episodes(ids, success, cfg.train.val_ratio, cfg.train.seed, strata)
+    held_out -= set(short)
     usable = [s is not False or not cfg.train.only_successful for s in success]
     train = [e for e, ok in zip(ids, usable) if ok and e not in held_out and e not in short]
     val = sorted(held_out)
@@ -195,7 +203,9 @@ def train_columns(cfg: Config) -> list[str]:
 
 
 def _stage_split(cfg: Config, manifest: dict, split: EpisodeSplit) -> list[float]:
-    """SARM: keep annotated episodes only; return the stage priors of the training set."""
+    """SARM: keep annotated episodes, and failures (their frames train the success head and
+    the ranking loss, never the stage heads); return the stage priors of the annotated
+    training episodes."""
     k = cfg.model.num_stages
     if manifest.get("num_stages") != k:
         raise ShardError(
@@ -203,15 +213,19 @@ def _stage_split(cfg: Config, manifest: dict, split: EpisodeSplit) -> list[float
             f"{manifest.get('num_stages', 'no')} annotated stages (run `rayrm annotate`)"
         )
     table = EpisodeReader(cfg.train.embeddings, manifest).index()
-    stages = dict(zip(table.column("episode_id").to_pylist(), table.column("stage").to_pylist()))
+    ids = table.column("episode_id").to_pylist()
+    stages = dict(zip(ids, table.column("stage").to_pylist()))
     annotated = {e for e, labels in stages.items() if len(labels) == split.frames[e]}
-    split.train = [e for e in split.train if e in annotated]
+    failed = {e for e, s in zip(ids, table.column("success").to_pylist()) if s is False}
+    labelled_train = [e for e in split.train if e in annotated and e not in failed]
+    split.train = [e for e in split.train if e in annotated or e in failed]
     split.train_frames = sum(split.frames[e] for e in split.train)
-    if not split.train:
+    if not labelled_train:
         raise ShardError("no annotated training episode: SARM training needs stage labels")
     if not annotated.intersection(split.val):
         raise ShardError("no annotated held-out episode to validate stage predictions on")
-    return stage_priors([stages[e] for e in split.train], k, cfg.train.stage_prior).tolist()
+    priors = stage_priors([stages[e] for e in labelled_train], k, cfg.train.stage_prior)
+    return priors.tolist()
 
 
 def _check_inputs(cfg: Config) -> tuple[EpisodeReader, EpisodeSplit, list[str], np.ndarray]:
@@ -233,6 +247,29 @@ def _check_inputs(cfg: Config) -> tuple[EpisodeReader, EpisodeSplit, list[str], 
     return reader, split, tasks, task_language
 
 
+def log_failure_use(
+    tcfg: TrainConfig, split: EpisodeSplit, success: dict[str, bool | None]
+) -> None:
+    """Say what the failed training episodes are used for, or that there are none."""
+    failures = sum(success[e] is False for e in split.train)
+    if tcfg.only_successful:
+        logger.info("train.only_successful: failed episodes are left out of training")
+    elif failures == 0:
+        logger.info(
+            "no failed training episode: the success head learns done / not yet done from the "
+            "successes alone, and the ranking loss is off (it needs failures)"
+        )
+    else:
+        logger.info(
+            "%d failed training episode(s): success head (weight %g) and ranking loss (weight "
+            "%g, %d pairs per step); no progress target on them",
+            failures,
+            tcfg.success_weight,
+            tcfg.rank_weight,
+            tcfg.rank_pairs,
+        )
+
+
 def run_train(cfg: Config) -> TrainResult:
     tcfg = cfg.train
     reader, split, tasks, task_language = _check_inputs(cfg)
@@ -249,6 +286,9 @@ def run_train(cfg: Config) -> TrainResult:
         tcfg.batch_size,
         tcfg.num_workers,
     )
+    index = reader.index()
+    success = dict(zip(index.column("episode_id").to_pylist(), index.column("success").to_pylist()))
+    log_failure_use(tcfg, split, success)
     meta = {
         "embeddings": reader.path,
         "backbone": manifest["backbone"],

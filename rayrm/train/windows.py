@@ -95,3 +95,80 @@ def prefix_positions(num_frames: int, seq_len: int, device=None) -> torch.Tensor
 def prefix_read_position(num_frames: int, seq_len: int, device=None) -> torch.Tensor:
     """Where prefix i's own prediction sits in its sequence: min(i, L-1)."""
     return torch.clamp(torch.arange(num_frames, device=device), max=seq_len - 1)
+
+
+@dataclass
+class RankTable:
+    """Which (success, failure) pairs of one task a worker can draw, as index tensors."""
+
+    failures: torch.Tensor  # int64 [F], failed episodes whose task has a success here
+    successes: torch.Tensor  # int64 [num_tasks, S], each task's successes (padded with -1)
+    counts: torch.Tensor  # int64 [num_tasks], successes of each task
+    task: torch.Tensor  # int64 [N], task of every episode
+
+
+def rank_table(task: torch.Tensor, success: torch.Tensor) -> RankTable | None:
+    """The pairs of episodes ``task`` [N] / ``success`` (bool [N]) allow; None without any."""
+    num_tasks = int(task.max()) + 1 if len(task) else 0
+    by_task = [torch.nonzero(success & (task == t)).flatten() for t in range(num_tasks)]
+    counts = torch.tensor([len(s) for s in by_task], dtype=torch.int64, device=task.device)
+    failures = torch.nonzero(~success & (counts[task] > 0)).flatten()
+    if len(failures) == 0:
+        return None
+    width = int(counts.max())
+    successes = torch.full((num_tasks, width), -1, dtype=torch.int64, device=task.device)
+    for t, ids in enumerate(by_task):
+        successes[t, : len(ids)] = ids
+    return RankTable(failures, successes, counts, task)
+
+
+@dataclass
+class PrefixBatch:
+    """Prefixes (frames 0..n-1 of an episode) brought to L slots like evaluation's."""
+
+    frame_index: torch.Tensor  # int64 [P, L], index into the flat frame buffer
+    read: torch.Tensor  # int64 [P], slot of the prefix's last frame: min(n-1, L-1)
+    episode: torch.Tensor  # int64 [P]
+
+
+def prefixes_at(
+    episode: torch.Tensor, tau: torch.Tensor, lengths: torch.Tensor, offsets, seq_len: int
+) -> PrefixBatch:
+    """The prefix of each ``episode`` that covers the share ``tau`` of it (at least 1 frame),
+    laid out as the plain prefix curve lays it out (``prefix_positions``)."""
+    T = lengths[episode]
+    n = torch.clamp(torch.ceil(tau * T).to(torch.int64), min=1)
+    n = torch.minimum(n, T)
+    slots = sequence_positions(n, seq_len)
+    return PrefixBatch(
+        frame_index=offsets[episode].unsqueeze(1) + slots,
+        read=torch.clamp(n - 1, max=seq_len - 1),
+        episode=episode,
+    )
+
+
+def sample_rank_pairs(
+    table: RankTable,
+    lengths: torch.Tensor,
+    offsets: torch.Tensor,
+    num_pairs: int,
+    seq_len: int,
+    min_tau: float,
+    generator: torch.Generator,
+) -> tuple[PrefixBatch, PrefixBatch, torch.Tensor]:
+    """``num_pairs`` (success, failure) prefix pairs of the same task at the same relative
+    time tau ~ U[min_tau, 1]: a failure uniformly, then a success of its task uniformly.
+    Returns the success prefixes, the failure prefixes and tau (float32 [P])."""
+    device = lengths.device
+    pick = torch.randint(len(table.failures), (num_pairs,), generator=generator, device=device)
+    failure = table.failures[pick]
+    task = table.task[failure]
+    u = torch.rand(num_pairs, generator=generator, dtype=torch.float64, device=device)
+    k = torch.minimum((u * table.counts[task]).to(torch.int64), table.counts[task] - 1)
+    success = table.successes[task, k]
+    tau = min_tau + (1.0 - min_tau) * torch.rand(num_pairs, generator=generator, device=device)
+    return (
+        prefixes_at(success, tau, lengths, offsets, seq_len),
+        prefixes_at(failure, tau, lengths, offsets, seq_len),
+        tau,
+    )
