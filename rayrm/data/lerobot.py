@@ -235,19 +235,16 @@ def _episode(
     index = int(row["episode_index"])
     episode_id = schema.lerobot_episode_id(index, cameras[0] if scan.camera_as_episode else None)
     problems: list[EpisodeProblem] = []
+    first_video = video_file(scan.root, scan.info, row, cameras[0])
+
+    def problem(key: str, reason: str) -> None:  # of the episode, not of one camera
+        problems.append(EpisodeProblem(first_video, episode_id, key, reason))
+
     length = int(row["length"])
     if length < schema.MIN_EPISODE_FRAMES:
-        video = video_file(scan.root, scan.info, row, cameras[0])
-        reason = f"{length} frames, need >= {schema.MIN_EPISODE_FRAMES}"
-        problems.append(EpisodeProblem(video, episode_id, "length", reason))
+        problem("length", f"{length} frames, need >= {schema.MIN_EPISODE_FRAMES}")
     views = [_view(scan, row, camera, episode_id, problems) for camera in cameras]
-    task = _task(
-        row,
-        scan.tasks,
-        lambda key, reason: problems.append(
-            EpisodeProblem(views[0].source_file, episode_id, key, reason)
-        ),
-    )
+    task = _task(row, scan.tasks, problem)
     if problems:
         return problems
     return LeRobotEpisodeInfo(
