@@ -131,9 +131,15 @@ class EmbedConfig:
     input: str | None = None
     output: str | None = None  # folder; default <workdir>/embeddings
     camera: str = "side_cam"  # HDF5 dataset, or LeRobot v3 video key (observation.images.top)
-    # LeRobot v3 only: several video keys, each camera's view an episode of its own
-    # (episode_000007:<key>); empty = `camera` alone
+    # Several cameras of each episode (HDF5 datasets or LeRobot video keys), all embedded
+    # and stored per frame, fused by the model; the first is the main one. Empty = `camera`.
     cameras: list[str] = field(default_factory=list)
+    # LeRobot v3 only: each camera of `cameras` an episode of its own (episode_000007:<key>)
+    # instead of views of one episode
+    camera_as_episode: bool = False
+    # HDF5 only: a per-frame robot state dataset (tcp_pose, float [T, P]) stored beside the
+    # embeddings and fed to the model through its own projection; None = no state
+    state: str | None = None
     # LeRobot v3 only: a bool column of meta/episodes/ holding each episode's success
     success_column: str | None = None
     prompt: str | None = None  # overrides per-episode / per-file prompt attributes
@@ -153,6 +159,18 @@ class EmbedConfig:
     max_actor_restarts: int = 4  # per actor, and retries per batch; -1 = unlimited
     torch_threads: int = 0  # intra-op threads per actor; 0 = what Ray sets (its CPU share)
     progress_every_s: float = 30.0  # seconds between progress log lines
+
+    def views(self) -> list[str]:
+        """The cameras fused into each frame vector, in order (one unless ``cameras``)."""
+        return [self.camera] if self.camera_as_episode else list(self.cameras) or [self.camera]
+
+    def validate(self) -> None:
+        if len(set(self.cameras)) != len(self.cameras):
+            raise ConfigError(f"embed.cameras names a camera twice: {self.cameras}")
+        if self.camera_as_episode and not self.cameras:
+            raise ConfigError("embed.camera_as_episode needs the cameras in embed.cameras")
+        if self.camera_as_episode and self.state:
+            raise ConfigError("embed.state needs one episode per recording, not camera_as_episode")
 
 
 @dataclass

@@ -8,6 +8,7 @@ import os
 import torch
 
 from rayrm.config import ModelConfig, to_dict
+from rayrm.data.schema import FrameLayout
 from rayrm.data.shards import read_episode_index, read_manifest
 from rayrm.train.checkpoint import save_checkpoint
 from rayrm.train.model import RewardTransformer
@@ -23,9 +24,12 @@ def make_checkpoint(
     Its "held-out" episodes are ``val_ids`` (default: every episode), so ``split: val`` scores
     them. Random weights give curves that move, which is all the machinery tests need."""
     manifest = read_manifest(cfg.embed.output)
+    layout = FrameLayout.from_manifest(manifest)  # one camera, or several and the state
     torch.manual_seed(seed)
     model_cfg = dataclasses.replace(cfg.model, num_stages=num_stages, dropout=0.0)
-    model = RewardTransformer(model_cfg, manifest["visual_dim"], manifest["language_dim"])
+    model = RewardTransformer(
+        model_cfg, layout.dim, manifest["language_dim"], list(layout.view_dims), layout.state_dim
+    )
     if num_stages:
         model.set_stage_priors(torch.tensor([0.2, 0.3, 0.3, 0.2][:num_stages]))
     if val_ids is None:
@@ -34,6 +38,7 @@ def make_checkpoint(
         "train": to_dict(dataclasses.replace(cfg.train, blind=blind)),
         "embeddings": os.path.abspath(cfg.embed.output),
         "backbone": manifest["backbone"],
+        "frame_layout": layout.to_dict(),
         "stage_names": STAGE_NAMES[:num_stages] if num_stages else None,
         "split": {"val_ratio": 0.5, "seed": 0, "val_episodes": sorted(val_ids)},
     }

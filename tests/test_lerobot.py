@@ -155,14 +155,40 @@ def test_scan_finds_every_episode_with_its_task_and_success(dataset):
     assert all(e.frame_shape == (SIZE, SIZE, 3) for e in episodes)
 
 
-def test_several_cameras_are_episodes_of_their_own(dataset):
-    episodes, problems = scan_lerobot(dataset, [TOP, WRIST])
+def test_with_camera_as_episode_several_cameras_are_episodes_of_their_own(dataset):
+    episodes, problems = scan_lerobot(dataset, [TOP, WRIST], camera_as_episode=True)
     assert problems == []
     assert [e.episode_id for e in episodes[:2]] == [
         f"episode_000000:{TOP}",
         f"episode_000000:{WRIST}",
     ]
     assert len(episodes) == 12 and all(e.success is None for e in episodes)
+
+
+def test_several_cameras_are_views_of_one_episode_decoded_in_lockstep(dataset):
+    episodes, problems = scan_lerobot(dataset, [TOP, WRIST])
+    assert problems == []
+    assert [e.episode_id for e in episodes] == [f"episode_{i:06d}" for i in range(6)]
+    assert [v.camera for v in episodes[0].views()] == [TOP, WRIST]
+    assert episodes[3].extra_views[0].source_file == video_path(dataset, WRIST, 1)
+    blocks = list(read_packed_blocks(episodes, frames_per_block=8))
+    ids = np.concatenate([b["episode_id"] for b in blocks])
+    for column, camera in (("frame", TOP), (f"frame/{WRIST}", WRIST)):
+        frames = np.concatenate([b[column] for b in blocks])
+        for i in range(6):
+            expected = decoded_episode(dataset, camera, i)
+            assert np.array_equal(frames[ids == f"episode_{i:06d}"], expected), (column, i)
+
+
+def test_an_undecodable_second_camera_fails_the_episode_naming_file_and_key(copy):
+    with open(video_path(copy, WRIST, 2), "wb") as f:
+        f.write(b"not an mp4 at all" * 64)
+    episodes, problems = scan_lerobot(copy, [TOP, WRIST])
+    assert [e.episode_id for e in episodes] == [f"episode_{i:06d}" for i in range(4)]
+    assert sorted((p.file, p.episode, p.key) for p in problems) == [
+        (video_path(copy, WRIST, 2), "episode_000004", WRIST),
+        (video_path(copy, WRIST, 2), "episode_000005", WRIST),
+    ]
 
 
 def test_decoded_blocks_hold_each_episodes_frames_from_its_timestamps(dataset):
@@ -231,7 +257,7 @@ def test_a_video_shorter_than_its_episode_is_that_episodes_problem(copy):
 def test_an_undecodable_file_fails_its_episodes_only(copy):
     with open(video_path(copy, WRIST, 2), "wb") as f:
         f.write(b"not an mp4 at all" * 64)
-    episodes, problems = scan_lerobot(copy, [TOP, WRIST])
+    episodes, problems = scan_lerobot(copy, [TOP, WRIST], camera_as_episode=True)
     assert len(episodes) == 10
     assert sorted((p.episode, p.key) for p in problems) == [
         (f"episode_000004:{WRIST}", WRIST),

@@ -71,7 +71,9 @@ def test_an_undecodable_mp4_fails_its_episodes_and_the_others_are_published(
     shutil.copytree(dataset, root)
     with open(video_path(root, WRIST, 1), "wb") as f:  # episodes 2 and 3 of the wrist camera
         f.write(b"\x00garbage" * 100)
-    cfg = _config(tmp_path, root, cameras=[TOP, WRIST], max_failed_episodes=-1)
+    cfg = _config(
+        tmp_path, root, cameras=[TOP, WRIST], camera_as_episode=True, max_failed_episodes=-1
+    )
     result = run_embed(cfg)
     bad = [f"episode_{i:06d}:{WRIST}" for i in (2, 3)]
     expected = sorted(f"episode_{i:06d}:{cam}" for i in range(6) for cam in (TOP, WRIST))

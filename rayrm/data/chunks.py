@@ -64,38 +64,61 @@ def _runs(episode_ids: np.ndarray, frame_index: np.ndarray) -> list[tuple[int, i
     return list(zip(starts.tolist(), np.r_[starts[1:], len(episode_ids)].tolist()))
 
 
+def value_columns(batch: dict[str, np.ndarray]) -> list[str]:
+    """The per-frame value columns of a block of embeddings, in stored order: the cameras'
+    (``visual_embedding``, ``visual_embedding/<camera>``), then the ``state``."""
+    visual = schema.VISUAL_COLUMN
+    views = [c for c in batch if c == visual or c.startswith(visual + "/")]
+    views.sort(key=lambda c: c != visual)  # the first camera first, the others as they came
+    return views + ([schema.STATE_COLUMN] if schema.STATE_COLUMN in batch else [])
+
+
+def _list_column(values: np.ndarray, keep: list[tuple[int, int]]) -> pa.LargeListArray:
+    """Rows [a, b) of ``values`` [N, D] as one list per run, row-major."""
+    dim = values.shape[1] if values.ndim == 2 else 0
+    sizes = np.array([(b - a) * dim for a, b in keep], np.int64)
+    offsets = np.r_[0, np.cumsum(sizes)].astype(np.int64)
+    flat = np.concatenate([values[a:b].ravel() for a, b in keep]) if keep else np.zeros(0, "f4")
+    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat))
+
+
 def chunk_table(batch: dict[str, np.ndarray]) -> tuple[pa.Table, list[dict]]:
-    """Frame rows (episode_id, frame_index, visual_embedding) -> chunk rows of the finite
-    runs, and a record for every run that holds a non-finite value (not written)."""
+    """Frame rows (episode_id, frame_index, visual_embedding, and any further camera and the
+    state) -> chunk rows of the finite runs, and a record for every run that holds a
+    non-finite value (not written)."""
     ids, index = batch["episode_id"], batch["frame_index"]
-    visual = np.asarray(batch["visual_embedding"], dtype=np.float32)
+    names = value_columns(batch)
+    values = {c: np.asarray(batch[c], dtype=np.float32) for c in names}
     keep, bad = [], []
     for a, b in _runs(ids, index):
-        finite = np.isfinite(visual[a:b]).all(axis=1)
-        if finite.all():
+        finite = np.ones(b - a, bool)
+        culprit = None
+        for column, v in values.items():
+            ok = np.isfinite(v[a:b]).reshape(b - a, -1).all(axis=1)
+            if culprit is None and not ok.all():
+                culprit = column
+            finite &= ok
+        if culprit is None:
             keep.append((a, b))
             continue
         frame = int(index[a + int(np.argmin(finite))])
+        what = "visual embedding" if culprit == schema.VISUAL_COLUMN else culprit
         bad.append(
             {
                 "episode_id": str(ids[a]),
                 "frame_start": int(index[a]),
                 "num_frames": b - a,
-                "problem": f"non-finite visual embedding at frame {frame}",
+                "problem": f"non-finite {what} at frame {frame}",
             }
         )
-    dim = visual.shape[1] if visual.ndim == 2 else 0
-    sizes = np.array([(b - a) * dim for a, b in keep], np.int64)
-    offsets = np.r_[0, np.cumsum(sizes)].astype(np.int64)
-    values = np.concatenate([visual[a:b].ravel() for a, b in keep]) if keep else np.zeros(0, "f4")
     table = pa.Table.from_pydict(
         {
             "episode_id": pa.array([str(ids[a]) for a, _ in keep], pa.string()),
             "frame_start": pa.array([int(index[a]) for a, _ in keep], pa.int32()),
             "num_frames": pa.array([b - a for a, b in keep], pa.int32()),
-            "visual_embedding": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values)),
+            **{c: _list_column(values[c], keep) for c in names},
         },
-        schema=schema.CHUNK_SCHEMA,
+        schema=schema.chunk_schema(names[1:]),
     )
     return table, bad
 

@@ -28,7 +28,7 @@ import fnmatch
 import glob
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import h5py
@@ -58,6 +58,13 @@ class EpisodeInfo:
     stage_boundaries: tuple[int, ...]
     # Why a failed episode failed (the ``failure_mode`` attribute), for per-mode metrics.
     failure_mode: str | None = field(default=None, kw_only=True)
+    # P, values per frame of the robot state (``embed.state``); 0 without one.
+    state_dim: int = field(default=0, kw_only=True)
+
+
+def as_cameras(cameras: str | Sequence[str]) -> list[str]:
+    """One camera name or several -> a list (callers with one camera pass the name)."""
+    return [cameras] if isinstance(cameras, str) else list(cameras)
 
 
 @dataclass(frozen=True)
@@ -169,6 +176,19 @@ def _check_frames(frames, camera: str, problem) -> int | None:
     return num_frames
 
 
+def _check_state(group: h5py.Group, key: str, problem) -> int:
+    """The ``embed.state`` dataset must be numbers [T, P] (stored as float32); its P, 0 when
+    it is unusable (the row count and NaN are checked as for any per-frame array)."""
+    data = group.get(key)
+    if not isinstance(data, h5py.Dataset):
+        problem(key, f"missing state dataset (has: {', '.join(sorted(group)) or 'nothing'})")
+        return 0
+    if data.ndim != 2 or data.dtype.kind not in "fiu":
+        problem(key, f"{data.dtype} {data.shape}, expected numbers [T, P]")
+        return 0
+    return int(data.shape[1])
+
+
 def _check_per_frame(group: h5py.Group, key: str, noun: str, num_frames, problem) -> None:
     """An optional per-frame array (pose, action): one row per frame, all values finite."""
     data = group.get(key)
@@ -204,8 +224,29 @@ def _stage_boundaries(group: h5py.Group, num_frames: int | None, problem) -> tup
     return tuple(int(b) for b in values)
 
 
+def _check_cameras(group: h5py.Group, cameras: list[str], problem) -> int | None:
+    """Every camera's dataset (frame counts must agree); the first one's frame count."""
+    counts = []
+    for camera in cameras:
+        frames = group.get(camera)
+        if isinstance(frames, h5py.Dataset):
+            counts.append(_check_frames(frames, camera, problem))
+        else:
+            have = ", ".join(sorted(group)) or "nothing"
+            problem(camera, f"missing camera dataset (has: {have})")
+            counts.append(None)
+    for camera, count in zip(cameras[1:], counts[1:]):
+        if None not in (count, counts[0]) and count != counts[0]:
+            problem(camera, f"{count} frames but {cameras[0]} has {counts[0]}")
+    return counts[0]
+
+
 def _check_episode(
-    group: h5py.Group, file: str, camera: str, prompt: str | None
+    group: h5py.Group,
+    file: str,
+    cameras: list[str],
+    prompt: str | None,
+    state: str | None = None,
 ) -> EpisodeInfo | list[EpisodeProblem]:
     """The episode's metadata, or every problem found in it (not just the first)."""
     name = group.name.lstrip("/")
@@ -214,14 +255,12 @@ def _check_episode(
     def problem(key: str, reason: str) -> None:
         problems.append(EpisodeProblem(file, name, key, reason))
 
-    frames = group.get(camera)
-    num_frames = None
-    if isinstance(frames, h5py.Dataset):
-        num_frames = _check_frames(frames, camera, problem)
-    else:
-        problem(camera, f"missing camera dataset (has: {', '.join(sorted(group)) or 'nothing'})")
+    num_frames = _check_cameras(group, cameras, problem)
+    state_dim = _check_state(group, state, problem) if state else 0
     _check_per_frame(group, schema.ACTION_KEY, "actions", num_frames, problem)
     _check_per_frame(group, schema.POSE_KEY, "poses", num_frames, problem)
+    if state and state != schema.POSE_KEY:  # a state of another name: the same checks
+        _check_per_frame(group, state, "state rows", num_frames, problem)
     prompt = prompt or _attr(group, schema.ATTR_PROMPT) or _attr(group.file, schema.ATTR_PROMPT)
     if not prompt or not isinstance(prompt, str):
         problem(schema.ATTR_PROMPT, "no prompt attribute and no embed.prompt given")
@@ -234,11 +273,12 @@ def _check_episode(
         episode_id=name,
         source_file=file,
         num_frames=int(num_frames),
-        frame_shape=tuple(int(s) for s in frames.shape[1:]),
+        frame_shape=tuple(int(s) for s in group[cameras[0]].shape[1:]),
         prompt=prompt,
         success=None if success is None else bool(success),
         stage_boundaries=boundaries,
         failure_mode=str(failure_mode) if failure_mode is not None else None,
+        state_dim=state_dim,
     )
 
 
@@ -246,7 +286,7 @@ def _check_episode(
 _READ_ERRORS = (OSError, KeyError, RuntimeError, ValueError, TypeError)
 
 
-def _scan_handle(handle: h5py.File, file: str, camera: str, prompt: str | None):
+def _scan_handle(handle: h5py.File, file: str, cameras: list[str], prompt, state):
     episodes, problems = [], []
     try:
         groups = [k for k in sorted(handle) if isinstance(handle.get(k), h5py.Group)]
@@ -256,7 +296,7 @@ def _scan_handle(handle: h5py.File, file: str, camera: str, prompt: str | None):
         problems.append(EpisodeProblem(file, "-", "-", "file holds no episode groups"))
     for key in groups:
         try:
-            result = _check_episode(handle[key], file, camera, prompt)
+            result = _check_episode(handle[key], file, cameras, prompt, state)
         except _READ_ERRORS as err:
             result = [EpisodeProblem(file, key, "-", f"cannot read episode: {err}")]
         (problems.extend if isinstance(result, list) else episodes.append)(result)
@@ -264,12 +304,13 @@ def _scan_handle(handle: h5py.File, file: str, camera: str, prompt: str | None):
 
 
 def scan_file(
-    file: str, camera: str, prompt: str | None = None
+    file: str, cameras: str | Sequence[str], prompt: str | None = None, state: str | None = None
 ) -> tuple[list[EpisodeInfo], list[EpisodeProblem]]:
-    """One file's episodes and problems. Pure and picklable: callers run it in Ray tasks."""
+    """One file's episodes and problems, with every camera in ``cameras`` (and the ``state``
+    dataset) checked. Pure and picklable: callers run it in Ray tasks."""
     try:
         with open_hdf5(file) as handle:
-            return _scan_handle(handle, file, camera, prompt)
+            return _scan_handle(handle, file, as_cameras(cameras), prompt, state)
     except _READ_ERRORS as err:  # per-episode errors are caught inside: this is the file
         return [], [EpisodeProblem(file, "-", "-", f"cannot open as HDF5: {err}")]
 
@@ -295,10 +336,33 @@ def merge_scans(
 
 
 def scan_episodes(
-    files: list[str], camera: str, prompt: str | None = None
+    files: list[str], cameras: str | Sequence[str], prompt: str | None = None, state=None
 ) -> tuple[list[EpisodeInfo], list[EpisodeProblem]]:
     """Read every episode's metadata here; collect all problems instead of stopping."""
-    return merge_scans(scan_file(file, camera, prompt) for file in files)
+    return merge_scans(scan_file(file, cameras, prompt, state) for file in files)
+
+
+def check_state_dims(
+    episodes: list[EpisodeInfo], state: str | None
+) -> tuple[list[EpisodeInfo], list[EpisodeProblem]]:
+    """Every episode's state must have the same P (the model's state projection is one
+    size): the episodes whose P differs from the most common one are problems."""
+    if not state or not episodes:
+        return episodes, []
+    dims = [e.state_dim for e in episodes]
+    common = max(set(dims), key=dims.count)
+    keep = [e for e in episodes if e.state_dim == common]
+    problems = [
+        EpisodeProblem(
+            e.source_file,
+            e.episode_id,
+            state,
+            f"{e.state_dim} values per frame, the other episodes have {common}",
+        )
+        for e in episodes
+        if e.state_dim != common
+    ]
+    return keep, problems
 
 
 # --------------------------------------------------------------------------- reading frames
@@ -321,31 +385,63 @@ def frame_columns(info: EpisodeInfo, start: int, frames: np.ndarray) -> dict[str
     }
 
 
+def episode_sources(
+    group: h5py.Group, cameras: list[str], state: str | None
+) -> dict[str, h5py.Dataset]:
+    """Block column -> the episode's dataset it is read from: ``frame`` (the first camera),
+    ``frame/<camera>`` (the others), ``state``."""
+    sources = {schema.frame_column(i, c): group[c] for i, c in enumerate(cameras)}
+    if state:
+        sources[schema.STATE_COLUMN] = group[state]
+    return sources
+
+
+def _buffer_dtype(column: str) -> np.dtype:
+    return np.dtype(np.float32) if column == schema.STATE_COLUMN else np.dtype(np.uint8)
+
+
 class _BlockPacker:
-    """Fills fixed-size frame buffers straight from HDF5, episode after episode."""
+    """Fills fixed-size buffers (one per block column: each camera's frames, the state)
+    straight from HDF5, episode after episode."""
 
     def __init__(self, size: int):
         self.size = size
         self.parts: list[dict[str, np.ndarray]] = []  # column pieces of the current block
-        self.buffer: np.ndarray | None = None
+        self.buffers: dict[str, np.ndarray] = {}
         self.filled = 0
 
-    def add_episode(self, frames: h5py.Dataset, info: EpisodeInfo) -> Iterator[dict]:
-        """Read all of ``info``'s frames; yield every block that becomes full."""
-        if self.buffer is not None and self.buffer.shape[1:] != info.frame_shape:
-            yield from self.flush()  # a block holds one image size
+    def _shapes(self, sources: dict[str, h5py.Dataset]) -> dict[str, tuple]:
+        return {column: tuple(data.shape[1:]) for column, data in sources.items()}
+
+    def add_episode(self, sources: dict[str, h5py.Dataset], info: EpisodeInfo) -> Iterator[dict]:
+        """Read all of ``info``'s frames (every source); yield every block that becomes full."""
+        shapes = self._shapes(sources)
+        if self.buffers and {c: b.shape[1:] for c, b in self.buffers.items()} != shapes:
+            yield from self.flush()  # a block holds one image size (per camera)
         start = 0
         while start < info.num_frames:
-            if self.buffer is None:
-                self.buffer = np.empty((self.size, *info.frame_shape), dtype=np.uint8)
+            if not self.buffers:
+                self.buffers = {
+                    c: np.empty((self.size, *shape), dtype=_buffer_dtype(c))
+                    for c, shape in shapes.items()
+                }
             n = min(self.size - self.filled, info.num_frames - start)
             dest = np.s_[self.filled : self.filled + n]
-            frames.read_direct(self.buffer, np.s_[start : start + n], dest)
-            self.parts.append(frame_columns(info, start, self.buffer[dest]))
+            for column, data in sources.items():
+                self._read(data, self.buffers[column], np.s_[start : start + n], dest)
+            part = frame_columns(info, start, self.buffers[schema.FRAME_COLUMN][dest])
+            self.parts.append(part)
             self.filled += n
             start += n
             if self.filled == self.size:
                 yield from self.flush()
+
+    @staticmethod
+    def _read(data: h5py.Dataset, buffer: np.ndarray, source, dest) -> None:
+        if data.dtype == buffer.dtype:
+            data.read_direct(buffer, source, dest)  # frames: one copy, no intermediate array
+        else:
+            buffer[dest] = data[source]  # the state: a few floats per frame, any number type
 
     def drop_episode(self, episode_id: str) -> None:
         """Forget the unsent frames of an episode that failed mid-read."""
@@ -358,24 +454,31 @@ class _BlockPacker:
                 key: np.concatenate([p[key] for p in self.parts])
                 for key in ("episode_id", "frame_index", "prompt")
             }
-            block["frame"] = self.buffer[: self.filled]  # filled in place: no copy
+            for column, buffer in self.buffers.items():
+                block[column] = buffer[: self.filled]  # filled in place: no copy
             yield block
-        self.parts, self.buffer, self.filled = [], None, 0
+        self.parts, self.buffers, self.filled = [], {}, 0
 
 
 def read_packed_blocks(
-    episodes: list[EpisodeInfo], camera: str, frames_per_block: int
+    episodes: list[EpisodeInfo],
+    cameras: str | Sequence[str],
+    frames_per_block: int,
+    state: str | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Blocks of ``frames_per_block`` frames spanning episodes (see the module docstring).
+    """Blocks of ``frames_per_block`` frames spanning episodes (see the module docstring),
+    with a column per camera and the state (:func:`episode_sources`).
 
     An episode (or a whole file) that fails to read is logged and skipped."""
+    cameras = as_cameras(cameras)
     packer = _BlockPacker(frames_per_block)
     for file, group in _by_file(episodes):
         try:
             with open_hdf5(file) as handle:
                 for info in group:
                     try:
-                        yield from packer.add_episode(handle[info.episode_id][camera], info)
+                        sources = episode_sources(handle[info.episode_id], cameras, state)
+                        yield from packer.add_episode(sources, info)
                     except _READ_ERRORS as err:
                         packer.drop_episode(info.episode_id)
                         logger.warning("%s episode %s: read failed: %s", file, info.episode_id, err)
@@ -384,52 +487,70 @@ def read_packed_blocks(
     yield from packer.flush()
 
 
-def read_error(info: EpisodeInfo, camera: str, frames_per_block: int = 256) -> str | None:
-    """Read all of one episode's frames; the error it raises as text, None when it reads."""
+def read_error(
+    info: EpisodeInfo,
+    cameras: str | Sequence[str],
+    frames_per_block: int = 256,
+    state: str | None = None,
+) -> str | None:
+    """Read all of one episode's frames (every camera, the state); the error it raises as
+    text, naming the dataset, None when it reads."""
+    key = "-"
     try:
         with open_hdf5(info.source_file) as handle:
-            frames = handle[info.episode_id][camera]
-            for start in range(0, info.num_frames, frames_per_block):
-                frames[start : start + frames_per_block]
+            sources = episode_sources(handle[info.episode_id], as_cameras(cameras), state)
+            for key in sources:  # the key is named in the error
+                for start in range(0, info.num_frames, frames_per_block):
+                    sources[key][start : start + frames_per_block]
     except _READ_ERRORS as err:
-        return f"frames cannot be read: {type(err).__name__}: {err}"
+        return f"frames cannot be read ({key}): {type(err).__name__}: {err}"
     return None
 
 
 class HDF5EpisodeDatasource(Datasource):
     """Ray Data source over already-scanned episodes; one row per frame.
 
-    ===============  ================  =====================================
-    column           type              meaning
-    ===============  ================  =====================================
-    ``episode_id``   str               HDF5 group name
-    ``frame_index``  int32             t in 0..T-1
-    ``prompt``       str               the episode's task instruction
-    ``frame``        uint8 [H, W, 3]   the ``camera`` image at t
-    ===============  ================  =====================================
+    ====================  ================  =====================================
+    column                type              meaning
+    ====================  ================  =====================================
+    ``episode_id``        str               HDF5 group name
+    ``frame_index``       int32             t in 0..T-1
+    ``prompt``            str               the episode's task instruction
+    ``frame``             uint8 [H, W, 3]   the first camera's image at t
+    ``frame/<camera>``    uint8 [H, W, 3]   each further camera's image at t
+    ``state``             float32 [P]       with ``state``: the robot state at t
+    ====================  ================  =====================================
 
     Blocks hold ``frames_per_block`` frames and may span episodes; a read task reads its
     episodes in order, so an episode's frames arrive together.
     """
 
-    def __init__(self, episodes: list[EpisodeInfo], camera: str, frames_per_block: int = 64):
+    def __init__(
+        self,
+        episodes: list[EpisodeInfo],
+        cameras: str | Sequence[str],
+        frames_per_block: int = 64,
+        state: str | None = None,
+    ):
         super().__init__()
         self.episodes = episodes
-        self.camera = camera
+        self.cameras = as_cameras(cameras)
+        self.state = state
         self.frames_per_block = frames_per_block
 
     def estimate_inmemory_data_size(self) -> int:
-        return sum(e.num_frames * int(np.prod(e.frame_shape)) for e in self.episodes)
+        per_frame = [len(self.cameras) * int(np.prod(e.frame_shape)) for e in self.episodes]
+        return sum(e.num_frames * n for e, n in zip(self.episodes, per_frame))
 
     def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
         groups = _balanced_groups(self.episodes, task_count(parallelism, len(self.episodes)))
         return episode_read_tasks(groups, self._read_fn, per_task_row_limit)
 
     def _read_fn(self, group: list[EpisodeInfo]):
-        camera, frames_per_block = self.camera, self.frames_per_block
+        cameras, state, frames_per_block = self.cameras, self.state, self.frames_per_block
 
         def read():
-            for batch in read_packed_blocks(group, camera, frames_per_block):
+            for batch in read_packed_blocks(group, cameras, frames_per_block, state):
                 yield BlockAccessor.batch_to_block(batch)
 
         return read

@@ -52,14 +52,31 @@ class LeRobotDatasetError(ValueError):
 
 
 @dataclass(frozen=True)
+class LeRobotView:
+    """Where a further camera's frames of an episode are (``embed.cameras``)."""
+
+    camera: str
+    source_file: str  # its mp4 file
+    from_timestamp: float  # of frame 0 in that file
+    frame_shape: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
 class LeRobotEpisodeInfo(EpisodeInfo):
-    """An episode of one camera of a LeRobot dataset: ``source_file`` is its mp4 file."""
+    """An episode of a LeRobot dataset: ``source_file`` is the mp4 file of its (first)
+    camera; ``extra_views`` the further cameras fused with it, in ``embed.cameras`` order."""
 
     camera: str
     episode_index: int
     dataset_from_index: int  # global ``index`` of frame 0
     from_timestamp: float  # of frame 0 in ``source_file``
     fps: float
+    extra_views: tuple[LeRobotView, ...] = ()
+
+    def views(self) -> list[LeRobotView]:
+        """Every camera of the episode, the first one first."""
+        first = LeRobotView(self.camera, self.source_file, self.from_timestamp, self.frame_shape)
+        return [first, *self.extra_views]
 
 
 Mapper = Callable[[Callable, Iterable], Iterable]  # ``map``, or one that runs in Ray tasks
@@ -165,7 +182,7 @@ class _Scan:
     info: dict
     tasks: set[str]
     facts: dict[str, mp4.VideoFacts | str]  # video file -> facts or why it can't be opened
-    several_cameras: bool
+    camera_as_episode: bool  # each camera an episode of its own (ids episode_000007:<key>)
     prompt: str | None
 
 
@@ -175,24 +192,28 @@ def scan_lerobot(
     prompt: str | None = None,
     success_column: str | None = None,
     mapper: Mapper = map,
+    camera_as_episode: bool = False,
 ) -> tuple[list[EpisodeInfo], list[EpisodeProblem]]:
-    """Every (episode, camera) of the dataset at ``root`` and the problems found.
+    """Every episode of the dataset at ``root`` and the problems found.
 
-    With one camera an episode's id is ``episode_000007``, with several each camera's view
-    is its own episode ``episode_000007:<key>`` (``rayrm.data.schema.lerobot_episode_id``).
-    ``mapper`` probes the video files (``map`` here; the embed driver passes Ray tasks)."""
+    An episode's id is ``episode_000007`` and it holds every camera of ``cameras`` (the
+    first one's file is ``source_file``, the others are ``extra_views``); with
+    ``camera_as_episode`` each camera's view is an episode of its own, ``episode_000007:<key>``
+    (``rayrm.data.schema.lerobot_episode_id``). ``mapper`` probes the video files (``map``
+    here; the embed driver passes Ray tasks)."""
     info = read_info(root)
     check_cameras(root, info, cameras)
     tasks = set(read_tasks(root).values())
     rows = read_episode_rows(root, cameras, success_column).to_pylist()
     files = sorted({video_file(root, info, row, c) for row in rows for c in cameras})
     facts = dict(zip(files, mapper(probe_video, files)))
-    scan = _Scan(root, info, tasks, facts, len(cameras) > 1, prompt)
+    as_episodes = camera_as_episode and len(cameras) > 1
+    scan = _Scan(root, info, tasks, facts, as_episodes, prompt)
     episodes, problems = [], []
     for row in rows:
         success = row[success_column] if success_column else None
-        for camera in cameras:
-            result = _episode(scan, row, camera, success)
+        for views in [[c] for c in cameras] if as_episodes else [cameras]:
+            result = _episode(scan, row, views, success)
             (problems.extend if isinstance(result, list) else episodes.append)(result)
     return episodes, problems
 
@@ -207,12 +228,46 @@ def video_file(root: str, info: dict, row: dict, camera: str) -> str:
     return storage.join(root, path)
 
 
-def _episode(scan: _Scan, row: dict, camera: str, success) -> EpisodeInfo | list[EpisodeProblem]:
-    """One camera of one episode row: its info, or every problem found in it."""
+def _episode(
+    scan: _Scan, row: dict, cameras: list[str], success
+) -> EpisodeInfo | list[EpisodeProblem]:
+    """The cameras of one episode row: its info, or every problem found in it."""
     index = int(row["episode_index"])
-    episode_id = schema.lerobot_episode_id(index, camera if scan.several_cameras else None)
-    video = video_file(scan.root, scan.info, row, camera)
+    episode_id = schema.lerobot_episode_id(index, cameras[0] if scan.camera_as_episode else None)
     problems: list[EpisodeProblem] = []
+    first_video = video_file(scan.root, scan.info, row, cameras[0])
+
+    def problem(key: str, reason: str) -> None:  # of the episode, not of one camera
+        problems.append(EpisodeProblem(first_video, episode_id, key, reason))
+
+    length = int(row["length"])
+    if length < schema.MIN_EPISODE_FRAMES:
+        problem("length", f"{length} frames, need >= {schema.MIN_EPISODE_FRAMES}")
+    views = [_view(scan, row, camera, episode_id, problems) for camera in cameras]
+    task = _task(row, scan.tasks, problem)
+    if problems:
+        return problems
+    return LeRobotEpisodeInfo(
+        episode_id=episode_id,
+        source_file=views[0].source_file,
+        num_frames=length,
+        frame_shape=views[0].frame_shape,
+        prompt=scan.prompt or task,
+        success=None if success is None else bool(success),
+        stage_boundaries=(),
+        camera=cameras[0],
+        episode_index=index,
+        dataset_from_index=int(row["dataset_from_index"]),
+        from_timestamp=views[0].from_timestamp,
+        fps=float(scan.info["fps"]),
+        extra_views=tuple(views[1:]),
+    )
+
+
+def _view(scan: _Scan, row: dict, camera: str, episode_id: str, problems: list) -> LeRobotView:
+    """Where ``camera``'s frames of the episode ``row`` are; its problems go to ``problems``
+    (each names the camera's video file, the episode and the camera key)."""
+    video = video_file(scan.root, scan.info, row, camera)
 
     def problem(key: str, reason: str) -> None:
         problems.append(EpisodeProblem(video, episode_id, key, reason))
@@ -221,36 +276,18 @@ def _episode(scan: _Scan, row: dict, camera: str, success) -> EpisodeInfo | list
     length = int(row["length"])
     start = float(row[schema.lerobot_video_column(camera, "from_timestamp")])
     end = float(row[schema.lerobot_video_column(camera, "to_timestamp")])
-    if length < schema.MIN_EPISODE_FRAMES:
-        problem("length", f"{length} frames, need >= {schema.MIN_EPISODE_FRAMES}")
     if abs((end - start) * fps - length) > 0.5:
         problem(
             camera,
             f"from/to timestamps {start:.4f}-{end:.4f} s hold {(end - start) * fps:.1f} frames "
             f"at {fps:g} fps, but the episode's length is {length}",
         )
-    task = _task(row, scan.tasks, problem)
     fact = scan.facts[video]
     if isinstance(fact, str):
         problem(camera, fact)
-    else:
-        _check_video(fact, scan.info["features"][camera], end, problem, camera)
-    if problems:
-        return problems
-    return LeRobotEpisodeInfo(
-        episode_id=episode_id,
-        source_file=video,
-        num_frames=length,
-        frame_shape=(fact.height, fact.width, 3),
-        prompt=scan.prompt or task,
-        success=None if success is None else bool(success),
-        stage_boundaries=(),
-        camera=camera,
-        episode_index=index,
-        dataset_from_index=int(row["dataset_from_index"]),
-        from_timestamp=start,
-        fps=fps,
-    )
+        return LeRobotView(camera, video, start, (0, 0, 3))
+    _check_video(fact, scan.info["features"][camera], end, problem, camera)
+    return LeRobotView(camera, video, start, (fact.height, fact.width, 3))
 
 
 def _task(row: dict, known: set[str], problem) -> str | None:
@@ -280,24 +317,32 @@ def _check_video(fact: mp4.VideoFacts, feature: dict, end: float, problem, camer
 
 
 class _FramePacker:
-    """Copies decoded frames into fixed-size block buffers, episode after episode."""
+    """Copies decoded frames into fixed-size block buffers (one per camera: ``frame``,
+    ``frame/<camera>``), episode after episode."""
 
     def __init__(self, size: int):
         self.size = size
         self.parts: list[tuple[LeRobotEpisodeInfo, int, int]] = []  # (episode, first t, n)
-        self.buffer: np.ndarray | None = None
+        self.buffers: dict[str, np.ndarray] = {}
         self.filled = 0
 
     def add_episode(self, info: LeRobotEpisodeInfo) -> Iterator[dict]:
-        """Decode all of ``info``'s frames; yield every block that becomes full."""
-        if self.buffer is not None and self.buffer.shape[1:] != info.frame_shape:
-            yield from self.flush()  # a block holds one image size
-        for t, frame in enumerate(decode_episode(info)):
-            if frame.shape != info.frame_shape:
-                raise ValueError(f"frame {t} is {frame.shape}, expected {info.frame_shape}")
-            if self.buffer is None:
-                self.buffer = np.empty((self.size, *info.frame_shape), dtype=np.uint8)
-            self.buffer[self.filled] = frame
+        """Decode all of ``info``'s frames (every camera, in lockstep); yield every block
+        that becomes full."""
+        views = info.views()
+        shapes = {schema.frame_column(i, v.camera): v.frame_shape for i, v in enumerate(views)}
+        if self.buffers and {c: b.shape[1:] for c, b in self.buffers.items()} != shapes:
+            yield from self.flush()  # a block holds one image size (per camera)
+        decoders = [decode_view(info, view) for view in views]
+        for t, frames in enumerate(zip(*decoders, strict=True)):
+            if not self.buffers:
+                self.buffers = {
+                    c: np.empty((self.size, *shape), dtype=np.uint8) for c, shape in shapes.items()
+                }
+            for (column, shape), frame in zip(shapes.items(), frames):
+                if frame.shape != shape:
+                    raise ValueError(f"{column} frame {t} is {frame.shape}, expected {shape}")
+                self.buffers[column][self.filled] = frame
             self._count(info, t)
             if self.filled == self.size:
                 yield from self.flush()
@@ -317,17 +362,19 @@ class _FramePacker:
 
     def flush(self) -> Iterator[dict]:
         if self.filled:
+            first = self.buffers[schema.FRAME_COLUMN]
             pieces, offset = [], 0
-            for info, first, n in self.parts:
-                pieces.append(frame_columns(info, first, self.buffer[offset : offset + n]))
+            for info, t, n in self.parts:
+                pieces.append(frame_columns(info, t, first[offset : offset + n]))
                 offset += n
             block = {
                 key: np.concatenate([p[key] for p in pieces])
                 for key in ("episode_id", "frame_index", "prompt")
             }
-            block["frame"] = self.buffer[: self.filled]  # filled in place: no copy
+            for column, buffer in self.buffers.items():
+                block[column] = buffer[: self.filled]  # filled in place: no copy
             yield block
-        self.parts, self.buffer, self.filled = [], None, 0
+        self.parts, self.buffers, self.filled = [], {}, 0
 
 
 def read_packed_blocks(
@@ -348,17 +395,25 @@ def read_packed_blocks(
 
 
 def decode_episode(info: LeRobotEpisodeInfo) -> Iterator[np.ndarray]:
-    """The episode's frames in order, decoded from its place in its video file."""
+    """The episode's frames (of its first camera) in order, decoded from its video file."""
     return mp4.decode_range(info.source_file, info.from_timestamp, info.num_frames, info.fps)
 
 
+def decode_view(info: LeRobotEpisodeInfo, view: LeRobotView) -> Iterator[np.ndarray]:
+    """One camera's frames of the episode in order."""
+    return mp4.decode_range(view.source_file, view.from_timestamp, info.num_frames, info.fps)
+
+
 def read_error(info: LeRobotEpisodeInfo) -> str | None:
-    """Decode all of one episode's frames; the error as text, None when it decodes."""
-    try:
-        for _ in decode_episode(info):
-            pass
-    except mp4.DECODE_ERRORS as err:
-        return f"frames cannot be decoded: {type(err).__name__}: {err}"
+    """Decode all of one episode's frames (every camera); the error as text, naming the
+    camera's file and key, None when they decode."""
+    for view in info.views():
+        try:
+            for _ in decode_view(info, view):
+                pass
+        except mp4.DECODE_ERRORS as err:
+            where = f" ({view.camera}, {view.source_file})" if info.extra_views else ""
+            return f"frames cannot be decoded{where}: {type(err).__name__}: {err}"
     return None
 
 

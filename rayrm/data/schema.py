@@ -9,8 +9,8 @@ episode id. Episode ids must be unique across all input files.
 dataset            dtype / shape     meaning
 =================  ================  ==================================================
 ``side_cam``       uint8 [T,H,W,3]   camera the reward model sees (``embed.camera``)
-``wrist_cam``      uint8 [T,H,W,3]   second camera (optional for rayrm)
-``tcp_pose``       float [T,P]       end-effector pose (optional for rayrm)
+``wrist_cam``      uint8 [T,H,W,3]   second camera (``embed.cameras: [side_cam, wrist_cam]``)
+``tcp_pose``       float [T,P]       end-effector pose (``embed.state: tcp_pose``)
 ``action``         float [T,A]       actions; T = len(action) when present
 =================  ================  ==================================================
 
@@ -57,7 +57,9 @@ column                                type         meaning
 ====================================  ===========  ============================================
 
 rayrm names a LeRobot episode ``episode_<episode_index, 6 digits>``; with several cameras
-(``embed.cameras``) each camera's view is an episode of its own, ``episode_000007:<key>``.
+(``embed.cameras``) the episode holds every camera's view (one frame vector per timestep,
+see "Several cameras and the robot state" below); only with ``embed.camera_as_episode`` is
+each camera's view an episode of its own, ``episode_000007:<key>``.
 
 Per-frame rewards (output of ``rayrm score``)
 ---------------------------------------------
@@ -155,7 +157,10 @@ column                   Arrow type              meaning
 ``episode_id``           string                  the episode the frames belong to
 ``frame_start``          int32                   first frame index of the chunk
 ``num_frames``           int32                   frames in the chunk (n)
-``visual_embedding``     large_list<float32>     n * D values, row-major [n, D]
+``visual_embedding``     large_list<float32>     n * D values, row-major [n, D]; with
+                                                 several cameras the first camera's (D_0)
+``visual_embedding/<c>`` large_list<float32>     further cameras ``c``: n * D_c values
+``state``                large_list<float32>     with ``embed.state``: n * P values
 =======================  ======================  ==========================================
 
 Episode rows (:data:`EPISODE_INDEX_SCHEMA`, the ``episodes-<id>.parquet`` table):
@@ -180,7 +185,36 @@ column                   Arrow type              meaning
 Readers hand out whole episodes (:data:`EPISODE_SCHEMA`): the episode columns above without
 the chunk locations, plus ``visual_embedding`` (large_list<float32>, T * D values, row-major
 [T, D]) assembled from the chunks. ``D`` and ``D_lang`` are stored in the manifest
-(``visual_dim``, ``language_dim``); the progress label (t + 1) / T follows from T.
+(``visual_dim``, ``language_dim``; with several cameras or a state, ``D`` is the frame
+vector's ``FrameLayout.dim``, see below); the progress label (t + 1) / T follows from T.
+
+**Several cameras and the robot state** (``embed.cameras``, ``embed.state``). The first
+camera's embeddings are ``visual_embedding``, as with one camera (so a single-camera folder is
+the one-view case of this layout, read unchanged); each further camera gets a column of its
+own, :func:`view_column` ``visual_embedding/<camera>``, and the per-frame robot state (e.g.
+``tcp_pose``, [T, P] floats) the column :data:`STATE_COLUMN` ``state``. These columns are in
+the chunk rows (same type and row-major layout as ``visual_embedding``; D_v or P values per
+frame). The manifest's ``frame_layout`` (:class:`FrameLayout`) records the cameras in order,
+each one's dim and the state key and dim; a folder without it has one view, ``camera`` with
+``visual_dim`` values, and no state. The checkpoint's ``config.json`` holds the same
+``frame_layout`` (and the model's ``view_dims`` / ``state_dim``):
+
+==============================  ==============  ==============================================
+manifest key                    type            meaning
+==============================  ==============  ==============================================
+``camera``                      str             the first camera (stored as visual_embedding)
+``frame_layout.cameras``        list<str>       every camera, in the frame vector's order
+``frame_layout.view_dims``      list<int>       each camera's D_v (one backbone: all equal)
+``frame_layout.state_key``      str or null     ``embed.state`` (e.g. ``tcp_pose``)
+``frame_layout.state_dim``      int             P; 0 without a state
+``camera_as_episode``           bool            LeRobot: each camera an episode of its own
+==============================  ==============  ==============================================
+
+Readers hand out one frame vector per timestep: ``visual_embedding`` of a whole-episode row
+(and ``EpisodeBatch.visual``) is the concatenation ``[view_0 | view_1 | ... | state]`` in the
+manifest's order, ``FrameLayout.dim`` values per frame. Window sampling and gathers then work
+on one row per frame whatever the cameras; the model splits the vector again
+(``rayrm.train.model``), knowing the layout from the checkpoint.
 
 Stage labels (SARM), added by ``rayrm annotate`` to every episode row (empty lists for episodes
 the stage JSON does not cover), in a new episodes table under a new manifest that names the
@@ -197,6 +231,9 @@ column                   Arrow type              meaning
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 
@@ -232,6 +269,87 @@ def lerobot_episode_id(episode_index: int, camera: str | None = None) -> str:
     """rayrm's id of a LeRobot episode; ``camera`` only when several cameras are read."""
     name = f"episode_{episode_index:06d}"
     return f"{name}:{camera}" if camera else name
+
+
+# Several cameras and the robot state (see "Embedding shards" above)
+FRAME_COLUMN = "frame"  # the first camera's uint8 frames in the embedding pipeline's blocks
+VISUAL_COLUMN = "visual_embedding"  # the first camera's embeddings
+STATE_COLUMN = "state"  # the robot state per frame, float32 [P], passed through unembedded
+
+
+def frame_column(index: int, camera: str) -> str:
+    """The pipeline column holding camera ``index``'s frames: ``frame``, ``frame/<camera>``."""
+    return FRAME_COLUMN if index == 0 else f"{FRAME_COLUMN}/{camera}"
+
+
+def view_column(index: int, camera: str) -> str:
+    """The chunk column holding camera ``index``'s embeddings: ``visual_embedding`` for the
+    first camera (a single-camera folder's only one), ``visual_embedding/<camera>`` after it.
+    A ``/`` and not a ``.``: Parquet joins nested column paths with dots, and LeRobot camera
+    keys hold dots already."""
+    return VISUAL_COLUMN if index == 0 else f"{VISUAL_COLUMN}/{camera}"
+
+
+def embedded_column(frame_col: str) -> str:
+    """``frame/<camera>`` -> ``visual_embedding/<camera>`` (what the embedding actor writes)."""
+    return VISUAL_COLUMN + frame_col[len(FRAME_COLUMN) :]
+
+
+@dataclass(frozen=True)
+class FrameLayout:
+    """What one stored frame vector holds: each camera's embedding, then the state, in this
+    order. ``rayrm embed`` writes it to the manifest (``frame_layout``); training copies it
+    into the checkpoint, where the model and the raw-input paths read it back."""
+
+    cameras: tuple[str, ...]
+    view_dims: tuple[int, ...]
+    state_key: str | None = None
+    state_dim: int = 0
+
+    @property
+    def dim(self) -> int:
+        """Values per frame: the width of ``visual_embedding`` as readers hand it out."""
+        return sum(self.view_dims) + self.state_dim
+
+    @property
+    def single_camera(self) -> bool:
+        """One view and no state: the layout of every folder made before several cameras."""
+        return len(self.cameras) == 1 and self.state_dim == 0
+
+    def columns(self) -> list[str]:
+        """The chunk columns that make up the frame vector, in order."""
+        views = [view_column(i, c) for i, c in enumerate(self.cameras)]
+        return views + ([STATE_COLUMN] if self.state_dim else [])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cameras": list(self.cameras),
+            "view_dims": list(self.view_dims),
+            "state_key": self.state_key,
+            "state_dim": self.state_dim,
+        }
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> FrameLayout:
+        """The manifest's (or a checkpoint config's) ``frame_layout``; without one, the
+        single-camera layout of older folders."""
+        layout = manifest.get("frame_layout")
+        if layout is None:
+            camera = manifest.get("camera") or CAMERA_KEYS[0]
+            return cls((camera,), (int(manifest["visual_dim"]),))
+        return cls(
+            tuple(layout["cameras"]),
+            tuple(int(d) for d in layout["view_dims"]),
+            layout.get("state_key"),
+            int(layout.get("state_dim") or 0),
+        )
+
+
+def chunk_schema(extra_columns: list[str] = ()) -> pa.Schema:
+    """:data:`CHUNK_SCHEMA` with the columns of further cameras and the state after it
+    (``FrameLayout.columns()[1:]``), each of the same type as ``visual_embedding``."""
+    extra = [pa.field(c, pa.large_list(pa.float32()), nullable=False) for c in extra_columns]
+    return pa.schema(list(CHUNK_SCHEMA) + extra)
 
 
 MANIFEST_NAME = "manifest.json"

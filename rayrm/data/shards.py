@@ -68,6 +68,8 @@ class EpisodeReader:
     def __init__(self, path: str, manifest: dict[str, Any] | None = None):
         self.path = storage.absolute(path)
         self.manifest = manifest or read_manifest(path)
+        # visual_embedding is handed out as each frame's [view_0 | view_1 | ... | state]
+        self.layout = schema.FrameLayout.from_manifest(self.manifest)
         self.bytes_read = 0
         self._index: pa.Table | None = None
 
@@ -138,9 +140,11 @@ class EpisodeReader:
 
     def _fetch(self, name: str, row_groups: set[int]) -> tuple[str, dict[int, tuple], int]:
         """Row groups of one chunk file -> (name, {row group: (episode_id, frame_start,
-        frames, values)}, Parquet bytes read)."""
+        frames, values)}, Parquet bytes read); values are the chunk's frame vectors, row-major
+        (each camera's embedding and the state side by side, ``self.layout``)."""
         order = sorted(row_groups)
-        columns = ["episode_id", "frame_start", "num_frames", "visual_embedding"]
+        values = self.layout.columns()
+        columns = ["episode_id", "frame_start", "num_frames", *values]
         with storage.open_input(storage.join(self.path, name)) as f:
             parquet = pq.ParquetFile(f)
             table = parquet.read_row_groups(order, columns=columns)
@@ -149,19 +153,43 @@ class EpisodeReader:
                 meta.row_group(g).column(c).total_compressed_size
                 for g in order
                 for c in range(meta.num_columns)
-                if meta.row_group(g).column(c).path_in_schema.split(".")[0] in columns
+                if _top_column(meta.row_group(g).column(c).path_in_schema, columns)
             )
         ids = table.column("episode_id").to_pylist()
         firsts = table.column("frame_start").to_pylist()
         counts = table.column("num_frames").to_pylist()
-        lists = table.column("visual_embedding").combine_chunks()
-        offsets = lists.offsets.to_numpy()
-        flat = lists.values.to_numpy(zero_copy_only=False)
+        parts = [_list_parts(table.column(c)) for c in values]
         chunks = {
-            g: (ids[i], firsts[i], counts[i], flat[offsets[i] : offsets[i + 1]])
+            g: (ids[i], firsts[i], counts[i], self._frame_vectors(parts, i, counts[i], name))
             for i, g in enumerate(order)
         }
         return name, chunks, nbytes
+
+    def _frame_vectors(self, parts: list, row: int, frames: int, name: str) -> np.ndarray:
+        """Row ``row``'s values of every layout column, side by side per frame, flat."""
+        pieces = [flat[offsets[row] : offsets[row + 1]] for offsets, flat in parts]
+        if len(pieces) == 1:  # one camera: the stored values as they are, no copy
+            return pieces[0]
+        dims = [*self.layout.view_dims, self.layout.state_dim][: len(pieces)]
+        for column, piece, dim in zip(self.layout.columns(), pieces, dims):
+            if len(piece) != frames * dim:
+                raise ShardError(
+                    f"{self.path}: {name}: {column} holds {len(piece)} values for {frames} "
+                    f"frames, the manifest's frame_layout says {dim} per frame"
+                )
+        return np.hstack([p.reshape(frames, -1) for p in pieces]).ravel()
+
+
+def _top_column(path: str, columns: list[str]) -> bool:
+    """Whether a Parquet leaf path (``visual_embedding.list.element``) is in one of
+    ``columns`` (whose names may hold dots themselves: LeRobot camera keys)."""
+    return any(path == c or path.startswith(c + ".") for c in columns)
+
+
+def _list_parts(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """A list column -> (offsets, flat values)."""
+    lists = column.combine_chunks()
+    return lists.offsets.to_numpy(), lists.values.to_numpy(zero_copy_only=False)
 
 
 def read_episode_index(path: str) -> pa.Table:

@@ -17,6 +17,7 @@ import torch
 
 from rayrm.backbones import build_backbone
 from rayrm.config import BackboneConfig
+from rayrm.data import schema
 from rayrm.data.chunks import write_chunks
 
 
@@ -61,16 +62,24 @@ class FrameEmbedder:
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        frames, prompts = batch["frame"], list(batch["prompt"])
+        """Every camera's frames (``frame``, ``frame/<camera>``) -> their embeddings
+        (``visual_embedding``, ``visual_embedding/<camera>``); the ``state`` passes through."""
+        prompts = list(batch["prompt"])
+        out = {"episode_id": batch["episode_id"], "frame_index": batch["frame_index"]}
+        for column, frames in batch.items():
+            if column == schema.FRAME_COLUMN or column.startswith(schema.FRAME_COLUMN + "/"):
+                out[schema.embedded_column(column)] = self._embed_camera(frames, prompts)
+        if schema.STATE_COLUMN in batch:
+            state = batch[schema.STATE_COLUMN]
+            if state.dtype == object:  # Ray Data's form for rows it could not stack
+                state = np.stack(list(state))
+            out[schema.STATE_COLUMN] = np.asarray(state, np.float32)
+        return out
+
+    def _embed_camera(self, frames: np.ndarray, prompts: list[str]) -> np.ndarray:
         if frames.dtype == object:
-            visual = self._embed_by_shape(frames, prompts)
-        else:
-            visual = self._embed(frames, prompts)
-        return {
-            "episode_id": batch["episode_id"],
-            "frame_index": batch["frame_index"],
-            "visual_embedding": visual,
-        }
+            return self._embed_by_shape(frames, prompts)
+        return self._embed(frames, prompts)
 
     def _embed(self, frames: np.ndarray, prompts: list[str]) -> np.ndarray:
         """Frames of one image size, ``batch_size`` of them per backbone call."""

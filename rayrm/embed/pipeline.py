@@ -119,7 +119,8 @@ def _streaming_context(ecfg: EmbedConfig, episodes: list[EpisodeInfo]) -> Iterat
       4,096 frames: 0.86-0.90 of the bare loop in four runs with 8 blocks, 0.86 in one with 32).
     (A Dataset keeps the DataContext it was created under.)
     """
-    block_bytes = ecfg.frames_per_block * max(int(np.prod(e.frame_shape)) for e in episodes)
+    frame_bytes = max(int(np.prod(e.frame_shape)) for e in episodes) * len(ecfg.views())
+    block_bytes = ecfg.frames_per_block * frame_bytes
     actors = max(ecfg.num_actors, ecfg.max_actors, 1)
     per_actor = (
         _BLOCKS_AHEAD_PER_GPU_ACTOR if ecfg.num_gpus_per_actor > 0 else _BLOCKS_AHEAD_PER_CPU_ACTOR
@@ -141,7 +142,8 @@ def _streaming_context(ecfg: EmbedConfig, episodes: list[EpisodeInfo]) -> Iterat
 
 
 def build_dataset(cfg: Config, episodes: list[EpisodeInfo]) -> ray.data.Dataset:
-    """Frame embeddings of ``episodes``: rows of episode_id, frame_index, visual_embedding."""
+    """Frame embeddings of ``episodes``: rows of episode_id, frame_index, visual_embedding
+    (and ``visual_embedding/<camera>``, ``state`` with several cameras or a state)."""
     with _streaming_context(cfg.embed, episodes):
         return _embedding_dataset(cfg, episodes)
 
@@ -151,7 +153,7 @@ def _embedding_dataset(
 ) -> ray.data.Dataset:
     ecfg = cfg.embed
     frames = ray.data.read_datasource(
-        episode_datasource(episodes, ecfg.camera, ecfg.frames_per_block),
+        episode_datasource(episodes, ecfg.views(), ecfg.frames_per_block, ecfg.state),
         override_num_blocks=_read_tasks(episodes, ecfg.frames_per_block),
     )
     with warnings.catch_warnings():

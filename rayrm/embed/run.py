@@ -25,13 +25,14 @@ from rayrm.data.hdf5 import (
     EpisodeInfo,
     EpisodeProblem,
     InvalidEpisodesError,
+    check_state_dims,
     list_hdf5_files,
     merge_scans,
     scan_episodes,
     scan_file,
 )
 from rayrm.data.lerobot import is_lerobot_root, scan_lerobot
-from rayrm.data.sources import read_error
+from rayrm.data.sources import check_lerobot_state, read_error
 from rayrm.embed.ledger import (
     FAILURES_FILE,
     ChunkLedger,
@@ -79,22 +80,31 @@ def _check_output(output: str, overwrite: bool) -> None:
         raise FileExistsError(f"{output} exists; pass --embed.overwrite true to replace it")
 
 
-def _scan_chunk(files: list[str], camera: str, prompt: str | None) -> list[tuple[list, list]]:
-    return [scan_file(file, camera, prompt) for file in files]
+def _scan_chunk(
+    files: list[str], cameras: list[str], prompt: str | None, state: str | None
+) -> list[tuple[list, list]]:
+    return [scan_file(file, cameras, prompt, state) for file in files]
 
 
 def _scan_inputs(
     ecfg: EmbedConfig, files: list[str]
 ) -> tuple[list[EpisodeInfo], list[EpisodeProblem]]:
-    """Every episode's metadata: one file here, several in parallel Ray tasks."""
+    """Every episode's metadata (every camera and the state checked): one file here,
+    several in parallel Ray tasks."""
+    cameras = ecfg.views()
     if len(files) == 1:
-        return scan_episodes(files, ecfg.camera, ecfg.prompt)
-    n_chunks = min(len(files), _MAX_SCAN_TASKS)
-    chunks = [files[i::n_chunks] for i in range(n_chunks)]
-    task = ray.remote(_scan_chunk)
-    results = ray.get([task.remote(chunk, ecfg.camera, ecfg.prompt) for chunk in chunks])
-    by_file = {file: scan for chunk, res in zip(chunks, results) for file, scan in zip(chunk, res)}
-    return merge_scans(by_file[file] for file in files)  # file order decides duplicate ids
+        episodes, problems = scan_episodes(files, cameras, ecfg.prompt, ecfg.state)
+    else:
+        n_chunks = min(len(files), _MAX_SCAN_TASKS)
+        chunks = [files[i::n_chunks] for i in range(n_chunks)]
+        task = ray.remote(_scan_chunk)
+        args = (cameras, ecfg.prompt, ecfg.state)
+        results = ray.get([task.remote(chunk, *args) for chunk in chunks])
+        by_file = {f: scan for chunk, res in zip(chunks, results) for f, scan in zip(chunk, res)}
+        # file order decides duplicate ids
+        episodes, problems = merge_scans(by_file[file] for file in files)
+    episodes, mismatched = check_state_dims(episodes, ecfg.state)
+    return episodes, problems + mismatched
 
 
 def _parallel_map(fn, items: list) -> list:
@@ -112,14 +122,21 @@ def _parallel_map(fn, items: list) -> list:
 
 
 def lerobot_cameras(ecfg: EmbedConfig) -> list[str]:
-    return list(ecfg.cameras) or [ecfg.camera]
+    """The video keys to read: each an episode of its own with ``camera_as_episode``, else
+    the views of one episode."""
+    return list(ecfg.cameras) if ecfg.camera_as_episode else ecfg.views()
 
 
 def _scan_lerobot(ecfg: EmbedConfig) -> tuple[list[EpisodeInfo], list[EpisodeProblem], int]:
     """A LeRobot v3 root: metadata here, the video files' headers probed in Ray tasks."""
-    cameras = lerobot_cameras(ecfg)
+    check_lerobot_state(ecfg.input, ecfg.state)
     episodes, failures = scan_lerobot(
-        ecfg.input, cameras, ecfg.prompt, ecfg.success_column, mapper=_parallel_map
+        ecfg.input,
+        lerobot_cameras(ecfg),
+        ecfg.prompt,
+        ecfg.success_column,
+        mapper=_parallel_map,
+        camera_as_episode=ecfg.camera_as_episode,
     )
     return episodes, failures, len({e.source_file for e in episodes})
 
@@ -151,6 +168,8 @@ def _settings(cfg: Config) -> dict[str, Any]:
         "backbone": asdict(cfg.backbone),
         "camera": cfg.embed.camera,
         "cameras": list(cfg.embed.cameras),
+        "camera_as_episode": cfg.embed.camera_as_episode,
+        "state": cfg.embed.state,
         "success_column": cfg.embed.success_column,
         "prompt": cfg.embed.prompt,
     }
@@ -192,15 +211,18 @@ def _embed_episodes(
     return received
 
 
-def _diagnose(episodes: list[EpisodeInfo], camera: str) -> list[EpisodeProblem]:
+def _diagnose(episodes: list[EpisodeInfo], ecfg: EmbedConfig) -> list[EpisodeProblem]:
     """Why episodes' frames did not all arrive (the read tasks skip episodes that fail)."""
     if not episodes:
         return []
-    reasons = ray.get([ray.remote(read_error).remote(info, camera) for info in episodes])
+    cameras, state = ecfg.views(), ecfg.state
+    task = ray.remote(read_error)
+    reasons = ray.get([task.remote(info, cameras, state) for info in episodes])
     problems = []
     for info, reason in zip(episodes, reasons):
         reason = reason or "frames were not all delivered (a read failed; rerun to retry)"
-        problems.append(EpisodeProblem(info.source_file, info.episode_id, camera, reason))
+        key = getattr(info, "camera", None) or "+".join(cameras + ([state] if state else []))
+        problems.append(EpisodeProblem(info.source_file, info.episode_id, key, reason))
         logger.warning("%s", problems[-1])
     return problems
 
@@ -267,8 +289,10 @@ def _manifest(
         "format": schema.EMBEDDINGS_FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "backbone": asdict(cfg.backbone),
-        "camera": cfg.embed.camera,
+        "camera": cfg.embed.views()[0],
         "cameras": list(cfg.embed.cameras),
+        "camera_as_episode": cfg.embed.camera_as_episode,
+        "frame_layout": frame_layout(cfg.embed, written, visual_dim).to_dict(),
         "visual_dim": int(visual_dim),
         "language_dim": int(language_dim),
         "num_episodes": len(written),
@@ -276,6 +300,18 @@ def _manifest(
         "num_failed_episodes": failed_episodes(failures),
         "input_files": sorted({e.source_file for e in written}),
     }
+
+
+def frame_layout(
+    ecfg: EmbedConfig, episodes: list[EpisodeInfo], visual_dim: int
+) -> schema.FrameLayout:
+    """What each stored frame vector holds: every camera's embedding (one backbone, so one
+    dim), then the state (every episode's P is the same: ``check_state_dims``)."""
+    cameras = ecfg.views()
+    state_dim = max((e.state_dim for e in episodes), default=0) if ecfg.state else 0
+    return schema.FrameLayout(
+        tuple(cameras), (int(visual_dim),) * len(cameras), ecfg.state, int(state_dim)
+    )
 
 
 # --------------------------------------------------------------------------- the run
@@ -298,7 +334,7 @@ def run_embed(cfg: Config) -> EmbedResult:
         received = _embed_episodes(cfg, run, todo, ledger, facts, progress) if todo else 0
         progress.log()
         failures += list(ledger.problems.values())
-        failures += _diagnose(ledger.incomplete(todo), ecfg.camera)
+        failures += _diagnose(ledger.incomplete(todo), ecfg)
         for problem in ledger.problems.values():
             logger.warning("%s", problem)
         run.write_failures(failures)

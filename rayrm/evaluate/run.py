@@ -162,14 +162,25 @@ def source_camera(cfg: Config, checkpoint_config: dict) -> str:
     return read_manifest(cfg.evaluate.embeddings).get("camera", "side_cam")
 
 
+def raw_sources(cfg: Config, checkpoint_config: dict) -> tuple[list[str], str | None]:
+    """(cameras, state) to embed raw input from: a checkpoint that fuses several cameras or
+    the robot state needs every one of them, in its order (``evaluate.camera`` then only
+    picks the camera the videos show); otherwise the one camera of :func:`source_camera`."""
+    if "frame_layout" in checkpoint_config:
+        layout = schema.FrameLayout.from_manifest(checkpoint_config)
+        if not layout.single_camera:
+            return list(layout.cameras), layout.state_key
+    return [source_camera(cfg, checkpoint_config)], None
+
+
 def scan_raw_episodes(cfg: Config, checkpoint_config: dict, ids: list[str] | None):
-    """The episodes of ``evaluate.input`` (only ``ids`` when given), from the camera the
-    checkpoint was trained on unless ``evaluate.camera`` says otherwise."""
+    """The episodes of ``evaluate.input`` (only ``ids`` when given), from the cameras (and
+    state) the checkpoint was trained on (:func:`raw_sources`)."""
     ecfg = cfg.evaluate
-    camera = source_camera(cfg, checkpoint_config)
+    cameras, state = raw_sources(cfg, checkpoint_config)
     # a LeRobot root's success flags: the column the embeddings were made with (embed section)
     success_column = cfg.embed.success_column
-    episodes, problems = scan_raw_input(ecfg.input, camera, ecfg.prompt, success_column)
+    episodes, problems = scan_raw_input(ecfg.input, cameras, ecfg.prompt, success_column, state)
     if problems:
         raise InvalidEpisodesError(problems)
     if ids is not None:
@@ -189,22 +200,36 @@ def raw_episode_dataset(cfg: Config, checkpoint_config: dict, episodes: list):
     from rayrm.embed import build_dataset, describe_backbone
 
     backbone = from_dict(BackboneConfig, checkpoint_config["backbone"])
-    camera = source_camera(cfg, checkpoint_config)
+    cameras, state = raw_sources(cfg, checkpoint_config)
     prompts = sorted({e.prompt for e in episodes})  # the scored episodes' tasks
     task = ray.remote(describe_backbone).options(
         num_gpus=cfg.embed.num_gpus_per_actor, num_cpus=cfg.embed.num_cpus_per_actor
     )
     language, visual_dim, language_dim = ray.get(task.remote(backbone, prompts))
-    expected = (checkpoint_config["visual_dim"], checkpoint_config["language_dim"])
+    view_dims = checkpoint_config.get("view_dims") or [checkpoint_config["visual_dim"]]
+    expected = (view_dims[0], checkpoint_config["language_dim"])
     if (visual_dim, language_dim) != tuple(expected):
         raise ValueError(
             f"backbone '{backbone.name}' gives dims {(visual_dim, language_dim)}, the "
             f"checkpoint expects {tuple(expected)}"
         )
-    logger.info("embedding %d raw episodes on the fly (camera %s)", len(episodes), camera)
-    embed_cfg = dataclasses.replace(
-        cfg, backbone=backbone, embed=dataclasses.replace(cfg.embed, camera=camera)
+    logger.info(
+        "embedding %d raw episodes on the fly (camera %s%s)",
+        len(episodes),
+        ", ".join(cameras),
+        f", state {state}" if state else "",
     )
+    embed = dataclasses.replace(
+        cfg.embed,
+        camera=cameras[0],
+        cameras=cameras if len(cameras) > 1 else [],
+        camera_as_episode=False,
+        state=state,
+    )
+    embed_cfg = dataclasses.replace(cfg, backbone=backbone, embed=embed)
+    # each frame's values in the frame layout's order: the cameras, then the state
+    columns = [schema.view_column(i, c) for i, c in enumerate(cameras)]
+    columns += [schema.STATE_COLUMN] if state else []
     # Frame embeddings -> one row per episode, inside Ray Data (a groupby: scoring needs
     # whole episodes, and the embedding pipeline cuts them into blocks).
     groups = max(1, len(episodes) // _EPISODES_PER_GROUP)
@@ -213,19 +238,25 @@ def raw_episode_dataset(cfg: Config, checkpoint_config: dict, episodes: list):
         .groupby("episode_id", num_partitions=groups)
         .map_groups(
             _episode_row,
-            fn_kwargs={"episodes": {e.episode_id: e for e in episodes}, "language": language},
+            fn_kwargs={
+                "episodes": {e.episode_id: e for e in episodes},
+                "language": language,
+                "columns": columns,
+            },
             batch_format="numpy",
         )
     ), language
 
 
-def _episode_row(frames: dict, episodes: dict, language: dict) -> pa.Table:
-    """All frame embeddings of one episode -> its row in the embedding-shard layout."""
+def _episode_row(frames: dict, episodes: dict, language: dict, columns: list[str]) -> pa.Table:
+    """All frame embeddings of one episode -> its row in the embedding-shard layout (each
+    frame's cameras and state side by side, as the shards' reader hands them out)."""
     info = episodes[str(frames["episode_id"][0])]
     order = np.argsort(frames["frame_index"], kind="stable")
     if not np.array_equal(frames["frame_index"][order], np.arange(info.num_frames)):
         raise RuntimeError(f"episode {info.episode_id}: frames missing or repeated")
-    visual = np.asarray(frames["visual_embedding"], np.float32)[order]
+    parts = [np.asarray(frames[c], np.float32).reshape(len(order), -1) for c in columns]
+    visual = np.hstack(parts)[order]
     return whole_episode_table([(info, visual)], language)
 
 

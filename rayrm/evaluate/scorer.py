@@ -35,6 +35,21 @@ from rayrm.train.checkpoint import load_model
 from rayrm.train.windows import sequence_positions
 
 
+def raw_frames_refused(model, config: dict) -> str | None:
+    """Why raw frames of one camera cannot be scored by this model (it fuses several cameras
+    or the robot state: each step needs every camera's embedding and the state), or None."""
+    if len(getattr(model, "view_dims", [0])) == 1 and not getattr(model, "state_dim", 0):
+        return None
+    layout = config.get("frame_layout") or {}
+    cameras = ", ".join(layout.get("cameras") or []) or f"{len(model.view_dims)} cameras"
+    state = f" and the state {layout.get('state_key')!r}" if model.state_dim else ""
+    return (
+        f"this checkpoint's model fuses {cameras}{state} per frame: raw frames of one camera "
+        f"are not enough; send frame vectors [{model.visual_dim}] (each camera's embedding, "
+        "then the state, concatenated in that order)"
+    )
+
+
 def window_outputs(model, visual: torch.Tensor, language: torch.Tensor | None) -> dict:
     """Every head's output for windows [B, L, D]: progress [B, L], stage [B, L] or None,
     success [B, L] ("done" probability) or None."""
@@ -186,6 +201,9 @@ class RewardScorer:
         prompt), or embeddings [N, D] as given."""
         obs = observations
         if isinstance(obs, np.ndarray) and obs.ndim == 4:
+            refused = raw_frames_refused(self.model, self.config)
+            if refused:
+                raise ValueError(refused)
             obs = self.backbone.embed_frames(obs, prompts[: len(obs)])
         # A copy: Ray hands actors read-only arrays, which torch refuses to wrap.
         obs = obs if torch.is_tensor(obs) else torch.from_numpy(np.array(obs, np.float32))

@@ -44,7 +44,9 @@ def lerobot_placement(root: str, ids: list[str], lengths: list[int]) -> dict[str
     if unknown:
         raise ValueError(
             f"{root}: episode(s) {', '.join(unknown[:5])} are not this dataset's episodes "
-            "(one camera per episode is supported: ids like episode_000007)"
+            "(ids like episode_000007; embeddings made with embed.camera_as_episode hold "
+            "one episode per camera, episode_000007:<key>, which LeRobot's index has no "
+            "place for)"
         )
     return {
         e: Placement(by_id[e]["episode_index"], by_id[e]["dataset_from_index"], int(n))

@@ -16,8 +16,10 @@ the same settings scores only the episodes no part holds.
 
 The values: ``progress_sparse`` is the causal reward ``RewardScorer`` gives frame by frame,
 ``prefix`` the prefix curve ``rayrm evaluate`` reports (both from evaluation's
-``ModelCurves``), ``stage`` / ``subtask_progress`` SARM's heads. Not yet: several cameras per
-LeRobot episode.
+``ModelCurves``), ``stage`` / ``subtask_progress`` SARM's heads. Raw input is embedded from
+every camera (and the state) the checkpoint fuses (``rayrm.evaluate.run.raw_sources``); a
+LeRobot episode is scored as one episode whatever its cameras (``embed.camera_as_episode``
+ids, ``episode_000007:<key>``, have no place in LeRobot's index and are refused).
 """
 
 from __future__ import annotations

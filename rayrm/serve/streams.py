@@ -28,7 +28,7 @@ import torch
 from rayrm.backbones import build_backbone
 from rayrm.backbones.base import default_device
 from rayrm.config import BackboneConfig, ServeConfig, from_dict
-from rayrm.evaluate.scorer import causal_outputs
+from rayrm.evaluate.scorer import causal_outputs, raw_frames_refused
 from rayrm.serve.errors import (
     BadRequestError,
     ServeError,
@@ -133,6 +133,7 @@ class StreamTable:
     def info(self) -> dict:
         return {
             "visual_dim": int(self.model.visual_dim),
+            "frame_layout": self.config.get("frame_layout"),
             "language_dim": int(self.model.language_dim),
             "window": self.seq_len,
             "num_stages": int(getattr(self.model.cfg, "num_stages", 0)),
@@ -234,6 +235,9 @@ class StreamTable:
             if not np.isfinite(obs).all():
                 raise BadRequestError("the embedding holds NaN or infinity")
             return obs
+        refused = raw_frames_refused(self.model, self.config)
+        if refused:
+            raise BadRequestError(refused)
         side = self.limits.max_frame_side
         if obs.dtype != np.uint8 or obs.ndim != 3 or obs.shape[2] != 3:
             raise BadRequestError(

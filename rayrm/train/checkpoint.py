@@ -6,7 +6,8 @@ A checkpoint folder holds:
 file                content
 ==================  ===============================================================
 model.safetensors   model weights and input-normalisation buffers
-config.json         model config, embedding dims, the training config, step, metrics
+config.json         model config, embedding dims (``view_dims``, ``state_dim``: the frame
+                    vector's cameras and state), the training config, step, metrics
 train_state.pt      optimizer and scheduler state (tensors and numbers only; loaded
                     with ``torch.load(weights_only=True)``)
 ==================  ===============================================================
@@ -40,7 +41,7 @@ def save_checkpoint(
     scheduler: Any = None,
 ) -> None:
     """``meta`` must be JSON-serialisable: it holds the train config, step and metrics."""
-    reserved = sorted({"model", "visual_dim", "language_dim"} & set(meta))
+    reserved = sorted({"model", "visual_dim", "language_dim", "view_dims", "state_dim"} & set(meta))
     if reserved:  # they would silently replace what load_model rebuilds the model from
         raise ValueError(f"checkpoint meta must not set {reserved}: they describe the model")
     os.makedirs(path, exist_ok=True)
@@ -50,6 +51,8 @@ def save_checkpoint(
         "model": vars(model.cfg).copy(),
         "visual_dim": model.visual_dim,
         "language_dim": model.language_dim,
+        "view_dims": list(model.view_dims),  # the frame vector's cameras, then the state
+        "state_dim": model.state_dim,
         **meta,
     }
     with open(os.path.join(path, CONFIG), "w") as f:
@@ -84,7 +87,11 @@ def load_model(path: str, device: torch.device | str = "cpu") -> tuple[RewardTra
     # Checkpoints written before the success head existed have no such setting and no head.
     model_settings = {"success_head": False, **config["model"]}
     model = RewardTransformer(
-        from_dict(ModelConfig, model_settings), config["visual_dim"], config["language_dim"]
+        from_dict(ModelConfig, model_settings),
+        config["visual_dim"],
+        config["language_dim"],
+        view_dims=config.get("view_dims"),  # absent in single-camera checkpoints made before
+        state_dim=config.get("state_dim", 0),
     )
     model.load_state_dict(load_weights(storage.read_bytes(storage.join(path, WEIGHTS))))
     return model.to(device).eval(), config

@@ -34,6 +34,7 @@ from torch.nn import functional as F
 from rayrm import metrics
 from rayrm.config import ModelConfig, TrainConfig, to_dict
 from rayrm.data import storage
+from rayrm.data.schema import FrameLayout
 from rayrm.data.shards import (
     EpisodeBatch,
     EpisodeReader,
@@ -111,10 +112,12 @@ def load_episodes(config: dict[str, Any], ids: list[str], what: str) -> tuple[Ep
     reader = EpisodeReader(config["embeddings"], config["manifest"])
     where = f"{config['embeddings']} ({what})"
     batch = episodes_from_table(reader.read(ids, config["columns"]), where=where)
-    if batch.visual.shape[1] != config["manifest"]["visual_dim"]:
+    layout = FrameLayout.from_manifest(config["manifest"])
+    if batch.visual.shape[1] != layout.dim:
         raise ShardError(
-            f"{where}: visual embeddings of size {batch.visual.shape[1]}, the manifest says "
-            f"visual_dim={config['manifest']['visual_dim']}"
+            f"{where}: frame vectors of size {batch.visual.shape[1]}, the manifest says "
+            f"{layout.dim} (visual_dim={config['manifest']['visual_dim']}, frame layout "
+            f"{layout.to_dict()})"
         )
     return batch, reader.bytes_read
 
@@ -453,7 +456,14 @@ def build_worker(config: dict[str, Any]) -> Worker:
     if cfg.blind:
         task_language = torch.zeros_like(task_language)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    raw_model = RewardTransformer(model_cfg, train.visual.shape[1], train.language.shape[1])
+    layout = FrameLayout.from_manifest(config["manifest"])  # the cameras and state per frame
+    raw_model = RewardTransformer(
+        model_cfg,
+        train.visual.shape[1],
+        train.language.shape[1],
+        view_dims=list(layout.view_dims),
+        state_dim=layout.state_dim,
+    )
     raw_model.set_input_stats(*global_input_stats(train))
     if model_cfg.num_stages > 0:
         raw_model.set_stage_priors(torch.tensor(config["stage_prior"]))

@@ -21,6 +21,36 @@ failed episodes, which have no progress label: every frame of a failure is "not 
 frames of a success are "done" (``rayrm.train.loop``; Robometer's per-frame success head).
 Progress says how far along the motion is; the success head says whether it reached the goal,
 so a fluent motion to the wrong place can score high progress and low success.
+
+Several cameras and the robot state (``embed.cameras``, ``embed.state``). A frame vector is
+``[view_0 | view_1 | ... | state]`` (``view_dims``, ``state_dim``; the shards' frame layout,
+``rayrm.data.schema.FrameLayout``), standardised as a whole like one camera's. Per timestep
+the model makes one token from it:
+
+    token_t = mean_v LayerNorm_v(W_v view_v,t + b_v)  +  MLP_state(state_t)
+
+- One token per timestep, not one per view: the sequence keeps its L video tokens, so the
+  causal mask, the windows, the prefix curves and the streaming scorer are the same for any
+  number of cameras, and attention costs no more with more cameras.
+- Each view its own projection: the cameras see different things (a wrist camera's features
+  vary far more within an episode than a side camera's) and may come from different
+  backbones and dims. Its own LayerNorm before fusing puts every view's token on one scale,
+  so no view drowns the others whatever its dim or statistics; it is also what makes the
+  per-view projections more than one Linear over the concatenation (without a non-linearity
+  before the mean, ``mean_v W_v x_v`` *is* a single Linear of ``[x_0 | x_1 | ...]``).
+- The mean, not the sum or a concatenation: the fused token's scale does not grow with the
+  number of cameras, and a view that carries nothing (a blank or frozen camera: after the
+  per-view norm, a constant) shifts every token alike instead of adding noise.
+- No learned view embedding: with per-view projections the model already knows which view
+  a part came from, and a per-view vector added before the mean would be one constant for
+  every token (the biases do that already).
+- The state through its own small MLP (Linear-GELU-Linear), added to the fused token: a
+  pose is a few numbers whose meaning is non-linear (rotations), and in one Linear beside
+  thousands of embedding dims it would barely count; its own projection gives it a full
+  d_model contribution.
+
+With one view and no state the model is the single-camera one: ``visual_proj`` alone, the
+same parameters and state_dict keys as before, so older checkpoints load unchanged.
 """
 
 from __future__ import annotations
@@ -37,13 +67,39 @@ STD_FLOOR = 1e-6  # below this a feature counts as constant (e.g. the blind cont
 
 
 class RewardTransformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, visual_dim: int, language_dim: int):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        visual_dim: int,
+        language_dim: int,
+        view_dims: list[int] | None = None,
+        state_dim: int = 0,
+    ):
+        """``visual_dim``: values per frame, every view and the state; ``view_dims``: each
+        camera's share, in order (default: one camera, all of ``visual_dim`` but the state);
+        ``state_dim``: the robot state's, last (0: none)."""
         super().__init__()
         self.cfg = cfg
         self.visual_dim = visual_dim
         self.language_dim = language_dim
+        self.view_dims = [int(v) for v in view_dims or [visual_dim - state_dim]]
+        self.state_dim = int(state_dim)
+        if sum(self.view_dims) + self.state_dim != visual_dim or min(self.view_dims) <= 0:
+            raise ValueError(
+                f"view dims {self.view_dims} + state dim {state_dim} do not make up the "
+                f"frame vector's {visual_dim} values"
+            )
         d = cfg.d_model
-        self.visual_proj = nn.Linear(visual_dim, d)
+        if len(self.view_dims) == 1:  # one camera: the single-camera model's parameters
+            self.visual_proj = nn.Linear(self.view_dims[0], d)
+        else:
+            self.view_projs = nn.ModuleList(nn.Linear(v, d) for v in self.view_dims)
+            self.view_norms = nn.ModuleList(nn.LayerNorm(d) for _ in self.view_dims)
+        self.state_proj = (
+            nn.Sequential(nn.Linear(self.state_dim, d), nn.GELU(), nn.Linear(d, d))
+            if self.state_dim
+            else None
+        )
         self.language_proj = nn.Linear(language_dim, d) if language_dim > 0 else None
         if cfg.positional == "first":  # seed: order comes from the causal mask alone
             self.first_frame = nn.Parameter(torch.randn(d) * 0.02)
@@ -97,9 +153,26 @@ class RewardTransformer(nn.Module):
         self.stage_prior.copy_(prior)
         self.cumulative_prior.copy_(torch.cumsum(prior, 0) - prior)
 
+    def frame_tokens(self, visual: torch.Tensor) -> torch.Tensor:
+        """Standardised frame vectors [B, L, D] -> one token per timestep [B, L, d_model]:
+        the views fused and the state added (see the module docstring for why so)."""
+        if len(self.view_dims) == 1 and self.state_proj is None:
+            return self.visual_proj(visual)
+        views = visual[..., : sum(self.view_dims)].split(self.view_dims, dim=-1)
+        if len(views) == 1:
+            tokens = self.visual_proj(views[0])
+        else:
+            fused = [
+                norm(proj(v)) for v, proj, norm in zip(views, self.view_projs, self.view_norms)
+            ]
+            tokens = torch.stack(fused).mean(0)
+        if self.state_proj is not None:
+            tokens = tokens + self.state_proj(visual[..., -self.state_dim :])
+        return tokens
+
     def encode(self, visual: torch.Tensor, language: torch.Tensor | None) -> torch.Tensor:
         """visual [B, L, D], language [B, D_lang] -> hidden states of the video tokens."""
-        x = self.visual_proj((visual - self.visual_mean) / self.visual_std)
+        x = self.frame_tokens((visual - self.visual_mean) / self.visual_std)
         if self.cfg.positional == "first":
             x = torch.cat([x[:, :1] + self.first_frame, x[:, 1:]], dim=1)
         else:

@@ -105,16 +105,17 @@ def task_table(index: pa.Table) -> tuple[list[str], np.ndarray]:
 
 
 def _check_dims(reader: EpisodeReader, split: EpisodeSplit) -> None:
-    """The shortest training episode's visual_embedding must be num_frames x the manifest's
-    visual_dim (a cheap look before any worker starts; every rank checks its own episodes)."""
+    """The shortest training episode's frame vectors must be num_frames x the manifest's
+    frame dim (``visual_dim``, or the frame layout's with several cameras or a state): a
+    cheap look before any worker starts; every rank checks its own episodes."""
     episode = min(split.train, key=lambda e: (split.frames[e], e))
     table = reader.read([episode], ["episode_id", "num_frames", "visual_embedding"])
     size = pc.list_value_length(table.column("visual_embedding"))[0].as_py()
-    dim = reader.manifest["visual_dim"]
+    dim = reader.layout.dim
     if size != split.frames[episode] * dim:
         raise ShardError(
             f"{reader.path}: episode {episode}'s visual_embedding holds {size} values, not "
-            f"num_frames x {dim} (the manifest's visual_dim)"
+            f"num_frames x {dim} (the manifest's visual_dim / frame_layout)"
         )
 
 
@@ -291,6 +292,8 @@ def run_train(cfg: Config) -> TrainResult:
     meta = {
         "embeddings": reader.path,
         "backbone": manifest["backbone"],
+        # the cameras and state each frame vector holds: what raw input must be embedded from
+        "frame_layout": schema.FrameLayout.from_manifest(manifest).to_dict(),
         "stage_names": manifest.get("stage_names"),
         "split": {"val_ratio": tcfg.val_ratio, "seed": tcfg.seed, "val_episodes": split.val},
     }
