@@ -192,6 +192,19 @@ class ModelConfig:
     # successes and failures alike (train.success_weight); checkpoints from before it have none.
     success_head: bool = True
 
+    def validate(self) -> None:
+        _choice("model.positional", self.positional, ("first", "all"))
+        for name in ("d_model", "num_layers", "num_heads", "ffn_dim", "head_hidden", "max_seq_len"):
+            _at_least(f"model.{name}", getattr(self, name), 1)
+        _at_least("model.num_stages", self.num_stages, 0)
+        if self.d_model % self.num_heads:
+            raise ConfigError(
+                f"model.d_model ({self.d_model}) must be a multiple of model.num_heads "
+                f"({self.num_heads})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
 
 @dataclass
 class TrainConfig:
@@ -250,6 +263,11 @@ class TrainConfig:
     crash_at_step: int = 0  # fault-tolerance drill: rank 0 exits once at this step
 
     def validate(self) -> None:
+        _choice("train.stage_prior", self.stage_prior, ("episode", "frame"))
+        for name in ("num_workers", "batch_size"):
+            _at_least(f"train.{name}", getattr(self, name), 1)
+        if not 0.0 <= self.val_ratio < 1.0:
+            raise ConfigError(f"train.val_ratio must be in [0, 1), got {self.val_ratio}")
         for name in ("success_weight", "rank_weight", "mismatch_prob", "rank_scale"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
@@ -303,6 +321,10 @@ class EvaluateConfig:
     # final "done" probability stays below hacking_success
     hacking_progress: float = 0.9
     hacking_success: float = 0.5
+
+    def validate(self) -> None:
+        _choice("evaluate.split", self.split, ("val", "all"))
+
     rewind: bool = True  # also score rewound copies of the expert episodes
     rewind_turn: float = 0.75  # play forward up to this share of the episode...
     rewind_back: float = 0.5  # ...then back over this share of the frames played
@@ -498,6 +520,16 @@ def _parse_override_args(args: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"override {arg}: '{part}' was already given a value")
         node[parts[-1]] = _Override(raw, key)
     return nested
+
+
+def _choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def _at_least(name: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(f"{name} must be >= {low}, got {value}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -232,3 +232,21 @@ def test_shipped_configs_load(path):
 
 def test_there_are_shipped_configs():
     assert any(p.name == "demo.yaml" for p in CONFIGS)
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        (["--model.positional", "sinusoid"], "model.positional"),
+        (["--model.d_model", "30", "--model.num_heads", "4"], "model.d_model"),
+        (["--model.num_layers", "0"], "model.num_layers"),
+        (["--model.dropout", "1.0"], "model.dropout"),
+        (["--train.stage_prior", "uniform"], "train.stage_prior"),
+        (["--train.val_ratio", "1.0"], "train.val_ratio"),
+        (["--train.batch_size", "0"], "train.batch_size"),
+        (["--evaluate.split", "test"], "evaluate.split"),
+    ],
+)
+def test_values_out_of_range_are_refused_when_the_config_is_built(override, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config(overrides=override)
