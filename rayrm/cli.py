@@ -16,9 +16,8 @@ import sys
 
 from rayrm.backbones import UnknownBackboneError
 from rayrm.config import ConfigError, load_config, resolve_paths
-from rayrm.data.hdf5 import InvalidEpisodesError
-from rayrm.data.shards import ShardError
 from rayrm.data.storage import StorageError
+from rayrm.errors import UserError
 from rayrm.runtime import init_ray, setup_logging
 
 logger = logging.getLogger("rayrm")
@@ -36,16 +35,9 @@ COMMANDS = {
     "serve": "online rewards: a checkpoint behind Ray Serve, HTTP on 127.0.0.1 (rayrm.serve)",
     "progress": "Qwen3-VL in-context progress estimates (GVL); own flags: rayrm progress -h",
 }
-USER_ERRORS = (
-    ConfigError,
-    InvalidEpisodesError,
-    ShardError,
-    UnknownBackboneError,
-    FileNotFoundError,
-    FileExistsError,
-    StorageError,
-    ValueError,
-)
+# What the user can fix: the message, exit status 2. Anything else (a ValueError too) is a
+# bug and keeps its traceback. ConfigError, ShardError and InvalidEpisodesError are UserErrors.
+USER_ERRORS = (UserError, UnknownBackboneError, FileNotFoundError, FileExistsError, StorageError)
 
 
 def _run(command: str, cfg) -> None:

@@ -24,8 +24,10 @@ from typing import Any
 
 import yaml
 
+from rayrm.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A config file or override names an unknown key or holds a value of the wrong type."""
 
 

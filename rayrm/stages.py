@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from rayrm.errors import UserError
+
 PRIOR_MODES = ("episode", "frame")
 
 
@@ -48,7 +50,7 @@ def stage_labels(boundaries: Sequence[int], num_frames: int) -> tuple[np.ndarray
     starts = np.asarray([0, *boundaries, num_frames], dtype=np.int64)
     lengths = np.diff(starts)
     if np.any(lengths < 1):
-        raise ValueError(f"boundaries {list(boundaries)} leave an empty stage (T={num_frames})")
+        raise UserError(f"boundaries {list(boundaries)} leave an empty stage (T={num_frames})")
     stage = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
     t = np.arange(num_frames, dtype=np.float64)
     subtask = (t - starts[stage] + 1) / lengths[stage]
@@ -68,17 +70,17 @@ def stage_priors(
     prior of 0.
     """
     if mode not in PRIOR_MODES:
-        raise ValueError(f"stage prior mode must be one of {PRIOR_MODES}, got {mode!r}")
+        raise UserError(f"stage prior mode must be one of {PRIOR_MODES}, got {mode!r}")
     counts = [
         np.bincount(np.asarray(s, dtype=np.int64), minlength=num_stages)
         for s in stage_lists
         if len(s)
     ]
     if not counts:
-        raise ValueError("no annotated episode to compute stage priors from")
+        raise UserError("no annotated episode to compute stage priors from")
     counts = np.stack(counts).astype(np.float64)
     if counts.shape[1] != num_stages:
-        raise ValueError(f"stage index >= num_stages={num_stages}")
+        raise UserError(f"stage index >= num_stages={num_stages}")
     if mode == "episode":
         return (counts / counts.sum(axis=1, keepdims=True)).mean(axis=0)
     return counts.sum(axis=0) / counts.sum()

@@ -93,3 +93,22 @@ def test_bad_config_file_exits_2(tmp_path, caplog):
         assert main(["synth", "--config", str(bad_key)]) == 2
     assert str(missing) in caplog.text
     assert "embed.batchsize" in caplog.text and str(bad_key) in caplog.text
+
+
+@pytest.mark.parametrize("error, exits", [("user", 2), ("bug", None)])
+def test_a_user_error_exits_2_and_a_bug_keeps_its_traceback(monkeypatch, error, exits):
+    import rayrm.cli as cli
+    from rayrm.errors import UserError
+
+    def run(command, cfg):
+        if error == "user":
+            raise UserError("train.lr must be > 0")
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(cli, "_run", run)
+    monkeypatch.setattr(cli, "init_ray", lambda _: None)
+    if exits is None:
+        with pytest.raises(ValueError, match="internal bug"):
+            main(["synth"])
+    else:
+        assert main(["synth"]) == exits

@@ -42,12 +42,13 @@ from rayrm.data import schema, storage
 from rayrm.data.chunks import commit, episodes_file_name
 from rayrm.data.hdf5 import open_hdf5
 from rayrm.data.shards import EpisodeReader, read_episode_index, read_manifest
+from rayrm.errors import UserError
 from rayrm.stages import boundary_problem, stage_labels
 
 logger = logging.getLogger(__name__)
 
 
-class StageAnnotationError(ValueError):
+class StageAnnotationError(UserError):
     """A stage JSON that can't label the shards; lists every problem, one per line."""
 
     def __init__(self, source: str, problems: list[str]):

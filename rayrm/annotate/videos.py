@@ -32,6 +32,7 @@ from rayrm.config import AnnotateConfig
 from rayrm.data import storage
 from rayrm.data.hdf5 import EpisodeInfo, InvalidEpisodesError
 from rayrm.data.sources import read_frames, scan_raw_input
+from rayrm.errors import UserError
 from rayrm.video import contact_sheet, numbered_frames, write_mp4, write_png
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def select_episodes(cfg: AnnotateConfig) -> list[EpisodeInfo]:
         known = {e.episode_id for e in episodes}
         unknown = [e for e in cfg.episodes if e not in known]
         if unknown:
-            raise ValueError(f"annotate.episodes not found in {cfg.input}: {', '.join(unknown)}")
+            raise UserError(f"annotate.episodes not found in {cfg.input}: {', '.join(unknown)}")
         episodes = [e for e in episodes if e.episode_id in set(cfg.episodes)]
     return episodes
 

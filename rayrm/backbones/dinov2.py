@@ -53,6 +53,7 @@ from torch.nn import functional as F
 
 from rayrm.backbones.base import Backbone, check_frames, frames_tensor, register_backbone
 from rayrm.config import BackboneConfig
+from rayrm.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ HEAD_DIM = 64  # every released DINOv2 ViT (S/B/L/g) has 64-wide heads
 IGNORED_KEYS = ("mask_token",)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that is missing, unreadable, or not the model it claims to be."""
 
 
@@ -84,7 +85,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in DTYPES:
-        raise ValueError(f"backbone.dtype must be auto or one of {sorted(DTYPES)}, got {name!r}")
+        raise UserError(f"backbone.dtype must be auto or one of {sorted(DTYPES)}, got {name!r}")
     return DTYPES[name]
 
 
@@ -431,7 +432,7 @@ def _image_size(value: object) -> tuple[int, int]:
         and all(isinstance(v, int) for v in value)
     ):
         return int(value[0]), int(value[1])
-    raise ValueError(f"backbone.options.image_size must be an int or [H, W], got {value!r}")
+    raise UserError(f"backbone.options.image_size must be an int or [H, W], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -448,16 +449,16 @@ class Preprocess:
         normalize = options.get("normalize", "seed")
         resolution = options.get("resolution", "native")
         if normalize not in NORMALIZATIONS:
-            raise ValueError(f"options.normalize must be one of {list(NORMALIZATIONS)}")
+            raise UserError(f"options.normalize must be one of {list(NORMALIZATIONS)}")
         if resolution not in RESOLUTIONS:
-            raise ValueError(f"options.resolution must be one of {RESOLUTIONS}, got {resolution!r}")
+            raise UserError(f"options.resolution must be one of {RESOLUTIONS}, got {resolution!r}")
         size = None
         if resolution == "resize":
             if "image_size" not in options:
-                raise ValueError("options.resolution 'resize' needs options.image_size")
+                raise UserError("options.resolution 'resize' needs options.image_size")
             size = _image_size(options["image_size"])
             if any(s <= 0 or s % patch_size for s in size):
-                raise ValueError(f"options.image_size {size} must be multiples of {patch_size}")
+                raise UserError(f"options.image_size {size} must be multiples of {patch_size}")
         return cls(patch_size, normalize, resolution, size)
 
     def __call__(self, frames: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -488,7 +489,7 @@ class Preprocess:
         h, w = frames.shape[1:3]
         p = self.patch_size
         if h < p or w < p:
-            raise ValueError(
+            raise UserError(
                 f"frames of {h}x{w} pixels are smaller than one {p}x{p} patch; use "
                 "options.resolution: resize with options.image_size"
             )

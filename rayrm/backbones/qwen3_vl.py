@@ -39,6 +39,7 @@ from rayrm.backbones.base import Backbone, check_frames, register_backbone
 from rayrm.backbones.dinov2 import resolve_dtype
 from rayrm.backbones.minilm import mean_pool
 from rayrm.config import BackboneConfig
+from rayrm.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def check_model_folder(path: str | None) -> str:
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
     if config.get("model_type") != "qwen3_vl":
-        raise ValueError(f"{path}: model_type {config.get('model_type')!r} is not qwen3_vl")
+        raise UserError(f"{path}: model_type {config.get('model_type')!r} is not qwen3_vl")
     return path
 
 
@@ -147,7 +148,7 @@ class ChatInputs:
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.chat_template = self.tokenizer.chat_template or _read_chat_template(path)
         if not self.chat_template:
-            raise ValueError(f"{path}: no chat template (tokenizer or chat_template.json/jinja)")
+            raise UserError(f"{path}: no chat template (tokenizer or chat_template.json/jinja)")
         sizes = {k: options[k] for k in ("min_pixels", "max_pixels") if k in options}
         self.image_processor = pil_image_processor_class().from_pretrained(
             path, local_files_only=True, **sizes
@@ -155,7 +156,7 @@ class ChatInputs:
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.video_token_id = self.tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
         if self.tokenizer.pad_token_id is None:
-            raise ValueError(f"{path}: the tokenizer has no pad token")
+            raise UserError(f"{path}: the tokenizer has no pad token")
 
     def __call__(self, conversations: list[list[dict]], images: list[np.ndarray]) -> dict:
         """``images`` in the order their ``{"type": "image"}`` items appear, all conversations."""
@@ -214,7 +215,7 @@ class Qwen3VLOptions:
     def from_dict(cls, options: dict) -> Qwen3VLOptions:
         pool = options.get("pool", "tokens")
         if pool not in POOLS:
-            raise ValueError(f"options.pool must be one of {POOLS}, got {pool!r}")
+            raise UserError(f"options.pool must be one of {POOLS}, got {pool!r}")
         return cls(pool=pool, attn=options.get("attn"))
 
 

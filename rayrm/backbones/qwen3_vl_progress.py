@@ -36,6 +36,7 @@ import torch
 from rayrm.backbones.base import check_frames, default_device
 from rayrm.backbones.dinov2 import resolve_dtype
 from rayrm.backbones.qwen3_vl import ChatInputs, check_model_folder, load_qwen3_vl, model_inputs
+from rayrm.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +188,7 @@ def _episode(h5file, episode_id: str, camera: str, count: int) -> tuple[np.ndarr
 def _prompt(h5file, episode_id: str, override: str | None) -> str:
     prompt = override or h5file[episode_id].attrs.get("prompt") or h5file.attrs.get("prompt")
     if not prompt:
-        raise ValueError(f"episode {episode_id}: no prompt attribute; pass --prompt")
+        raise UserError(f"episode {episode_id}: no prompt attribute; pass --prompt")
     return str(prompt)
 
 

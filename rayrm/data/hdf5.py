@@ -38,6 +38,7 @@ from ray.data import Datasource, ReadTask
 from ray.data.block import BlockAccessor, BlockMetadata
 
 from rayrm.data import schema, storage
+from rayrm.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class EpisodeProblem:
         return f"{self.file} [episode {self.episode}, key {self.key}]: {self.reason}"
 
 
-class InvalidEpisodesError(ValueError):
+class InvalidEpisodesError(UserError):
     def __init__(self, problems: list[EpisodeProblem], note: str = "", max_lines: int = 50):
         self.problems = problems
         shown = [str(p) for p in problems[:max_lines]]

@@ -39,6 +39,7 @@ from rayrm.data.hdf5 import (
     frame_columns,
     task_count,
 )
+from rayrm.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ _BASE_COLUMNS = ["episode_index", "length", "tasks", "dataset_from_index"]
 _VIDEO_NAMES = ("chunk_index", "file_index", "from_timestamp", "to_timestamp")
 
 
-class LeRobotDatasetError(ValueError):
+class LeRobotDatasetError(UserError):
     """The dataset as a whole cannot be read (the message names the dataset and the key)."""
 
 

@@ -23,6 +23,7 @@ import av
 import numpy as np
 
 from rayrm.data import storage
+from rayrm.errors import UserError
 
 DEFAULT_CODEC = "libx264"  # LeRobot's writers default to libsvtav1; any codec FFmpeg reads works
 PIXEL_FORMAT = "yuv420p"  # what LeRobot writes; needs even frame sizes
@@ -33,7 +34,7 @@ TIMESTAMP_TOLERANCE_S = 1e-4
 DECODE_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError)
 
 
-class VideoTooShortError(ValueError):
+class VideoTooShortError(UserError):
     """The file ends before the last frame the episode needs."""
 
 

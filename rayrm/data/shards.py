@@ -23,13 +23,14 @@ import pyarrow.parquet as pq
 import ray
 
 from rayrm.data import schema, storage
+from rayrm.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 _READ_THREADS = 8  # chunk files fetched at once (object stores answer slowly but in parallel)
 
 
-class ShardError(ValueError):
+class ShardError(UserError):
     """Embedding shards that are missing, incomplete or inconsistent."""
 
 
@@ -263,7 +264,7 @@ def split_episodes(
     and of each failure mode (AUROC needs both, per mode).
     """
     if not 0.0 <= val_ratio < 1.0:
-        raise ValueError(f"val_ratio must be in [0, 1), got {val_ratio}")
+        raise UserError(f"val_ratio must be in [0, 1), got {val_ratio}")
     strata = list(success) if strata is None else list(strata)
     held_out: set[str] = set()
     for key in sorted(set(strata), key=repr):

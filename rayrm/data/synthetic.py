@@ -97,6 +97,7 @@ from rayrm.data.schema import (
     CAMERA_KEYS,
     POSE_KEY,
 )
+from rayrm.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +248,7 @@ def validate_config(cfg: SynthConfig) -> None:
     ]
     for name, ok, rule in checks:
         if not ok:
-            raise ValueError(f"synth.{name} must be {rule}, got {getattr(cfg, name)!r}")
+            raise UserError(f"synth.{name} must be {rule}, got {getattr(cfg, name)!r}")
 
 
 def plan_failure_modes(cfg: SynthConfig) -> list[str]:
@@ -755,7 +756,7 @@ def write_synthetic_dataset(cfg: SynthConfig, path: str | Path | None = None) ->
     the end, so readers never see a half-written file, even after an exception."""
     validate_config(cfg)
     if path is None and cfg.output is None:
-        raise ValueError("synth.output must be set when no path is given")
+        raise UserError("synth.output must be set when no path is given")
     target = Path(path if path is not None else cfg.output)
     target.parent.mkdir(parents=True, exist_ok=True)
     # A unique hidden name next to the target: os.replace is atomic within one file system.

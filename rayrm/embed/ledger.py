@@ -41,6 +41,7 @@ from rayrm.config import settings_diff
 from rayrm.data import schema, storage
 from rayrm.data.chunks import CHUNK_RECORD_SCHEMA, ChunkLocation, chunk_records, tile_chunks
 from rayrm.data.hdf5 import EpisodeInfo, EpisodeProblem
+from rayrm.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ FAILURES_FILE = "failures.json"
 _MAX_RECORD_TASKS = 64
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError):
     """An unfinished run's folder that this run can't continue."""
 
 

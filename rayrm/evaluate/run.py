@@ -58,6 +58,7 @@ from rayrm.data.shards import (
     read_manifest,
 )
 from rayrm.data.sources import scan_raw_input
+from rayrm.errors import UserError
 from rayrm.evaluate.curves import CurveScorer
 from rayrm.evaluate.media import MediaJob, render_all
 from rayrm.evaluate.report import (
@@ -99,7 +100,7 @@ def _episode_ids(cfg: Config, checkpoint_config: dict) -> list[str] | None:
     if split == "val":
         return checkpoint_config["split"]["val_episodes"]
     if split != "all":
-        raise ValueError(f"evaluate.split must be 'val' or 'all', got {split!r}")
+        raise UserError(f"evaluate.split must be 'val' or 'all', got {split!r}")
     if cfg.evaluate.input:
         return None
     return read_episode_index(cfg.evaluate.embeddings).column("episode_id").to_pylist()
@@ -186,7 +187,7 @@ def scan_raw_episodes(cfg: Config, checkpoint_config: dict, ids: list[str] | Non
     if ids is not None:
         episodes = [e for e in episodes if e.episode_id in set(ids)]
         if not episodes:
-            raise ValueError(
+            raise UserError(
                 f"none of the checkpoint's held-out episodes is in {ecfg.input}; "
                 "use --evaluate.split all to score every episode there"
             )
@@ -209,7 +210,7 @@ def raw_episode_dataset(cfg: Config, checkpoint_config: dict, episodes: list):
     view_dims = checkpoint_config.get("view_dims") or [checkpoint_config["visual_dim"]]
     expected = (view_dims[0], checkpoint_config["language_dim"])
     if (visual_dim, language_dim) != tuple(expected):
-        raise ValueError(
+        raise UserError(
             f"backbone '{backbone.name}' gives dims {(visual_dim, language_dim)}, the "
             f"checkpoint expects {tuple(expected)}"
         )

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from rayrm.config import BackboneConfig, from_dict
+from rayrm.errors import UserError
 from rayrm.train.checkpoint import load_model
 from rayrm.train.windows import sequence_positions
 
@@ -126,7 +127,7 @@ class RewardScorer:
             from rayrm.backbones import build_backbone
 
             if "backbone" not in self.config:
-                raise ValueError("the checkpoint names no backbone; pass embeddings, or one")
+                raise UserError("the checkpoint names no backbone; pass embeddings, or one")
             cfg = from_dict(BackboneConfig, self.config["backbone"])
             self._backbone = build_backbone(cfg, self.device)
         return self._backbone
@@ -203,7 +204,7 @@ class RewardScorer:
         if isinstance(obs, np.ndarray) and obs.ndim == 4:
             refused = raw_frames_refused(self.model, self.config)
             if refused:
-                raise ValueError(refused)
+                raise UserError(refused)
             obs = self.backbone.embed_frames(obs, prompts[: len(obs)])
         # A copy: Ray hands actors read-only arrays, which torch refuses to wrap.
         obs = obs if torch.is_tensor(obs) else torch.from_numpy(np.array(obs, np.float32))

@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from rayrm.data import schema
 from rayrm.data.lerobot import read_episode_rows
+from rayrm.errors import UserError
 from rayrm.score.rabc import rabc_weights
 
 
@@ -42,7 +43,7 @@ def lerobot_placement(root: str, ids: list[str], lengths: list[int]) -> dict[str
     by_id = {schema.lerobot_episode_id(r["episode_index"]): r for r in rows}
     unknown = [e for e in ids if e not in by_id]
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"{root}: episode(s) {', '.join(unknown[:5])} are not this dataset's episodes "
             "(ids like episode_000007; embeddings made with embed.camera_as_episode hold "
             "one episode per camera, episode_000007:<key>, which LeRobot's index has no "

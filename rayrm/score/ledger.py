@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from rayrm.config import settings_diff
 from rayrm.data import schema, storage
+from rayrm.errors import UserError
 
 # Part files read at once (object stores: one request each, latency-bound).
 _READ_THREADS = 16
@@ -34,7 +35,7 @@ PART_RECORD_SCHEMA = pa.schema(
 )
 
 
-class ScoreResumeError(ValueError):
+class ScoreResumeError(UserError):
     """An unfinished scoring run's folder that this run can't continue."""
 
 

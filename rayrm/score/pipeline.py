@@ -28,6 +28,7 @@ import torch
 
 from rayrm.config import ScoreConfig
 from rayrm.data import storage
+from rayrm.errors import UserError
 from rayrm.evaluate.curves import ModelCurves
 from rayrm.score.frames import Placement, frame_rows
 from rayrm.score.ledger import part_name, part_records
@@ -74,7 +75,7 @@ def actor_resources(scfg: ScoreConfig, embed_gpus: float) -> tuple[int, float]:
         return 1, 0.0
     free = gpus - embed_gpus
     if free < per_actor:
-        raise ValueError(
+        raise UserError(
             f"score actors need {per_actor} GPU each, and {free:g} of the cluster's {gpus:g} "
             "are left by the embedding actors: lower score.num_gpus_per_actor (e.g. 0.25) "
             "or embed.num_actors"

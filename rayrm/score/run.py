@@ -37,6 +37,7 @@ from rayrm.data import schema, storage
 from rayrm.data.lerobot import is_lerobot_root
 from rayrm.data.shards import read_episode_index
 from rayrm.embed.progress import Progress
+from rayrm.errors import UserError
 from rayrm.runtime import quiet_datasets
 from rayrm.score.frames import Placement, hdf5_placement, lerobot_placement, with_rabc
 from rayrm.score.ledger import PartLedger, ScoreRun
@@ -225,7 +226,7 @@ def run_score(cfg: Config, checkpoint: str | None = None, writer=None) -> ScoreR
     start = time.perf_counter()
     scfg = cfg.score
     if scfg.rabc_chunk < 0:
-        raise ValueError(f"score.rabc_chunk must be >= 0, got {scfg.rabc_chunk}")
+        raise UserError(f"score.rabc_chunk must be >= 0, got {scfg.rabc_chunk}")
     checkpoint = (
         checkpoint or scfg.checkpoint or find_checkpoint(cfg.train.output, cfg.train.run_name)
     )

@@ -11,6 +11,8 @@ import importlib.util
 import os
 from typing import Any
 
+from rayrm.errors import UserError
+
 TRACKER_MODULES = {
     "tensorboard": ("tensorboardX", "torch.utils.tensorboard"),
     "wandb": ("wandb",),
@@ -21,9 +23,9 @@ TRACKER_MODULES = {
 def check_trackers(names: list[str]) -> None:
     for name in names:
         if name not in TRACKER_MODULES:
-            raise ValueError(f"unknown logger '{name}'; choose from {', '.join(TRACKER_MODULES)}")
+            raise UserError(f"unknown logger '{name}'; choose from {', '.join(TRACKER_MODULES)}")
         if not any(_installed(m) for m in TRACKER_MODULES[name]):
-            raise ValueError(f"train.loggers names '{name}' but it is not installed")
+            raise UserError(f"train.loggers names '{name}' but it is not installed")
 
 
 def _installed(module: str) -> bool:

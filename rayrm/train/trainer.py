@@ -33,6 +33,7 @@ from rayrm.data.shards import (
     check_columns,
     split_episodes,
 )
+from rayrm.errors import UserError
 from rayrm.stages import stage_priors
 from rayrm.train.checkpoint import RESULT_FILE
 from rayrm.train.loop import train_loop_per_worker
@@ -122,7 +123,7 @@ def _check_dims(reader: EpisodeReader, split: EpisodeSplit) -> None:
 def _check_resources(cfg: Config, num_train_episodes: int) -> None:
     tcfg = cfg.train
     if tcfg.num_workers > num_train_episodes:
-        raise ValueError(
+        raise UserError(
             f"train.num_workers={tcfg.num_workers} but only {num_train_episodes} training "
             "episodes: every worker needs at least one"
         )
@@ -130,7 +131,7 @@ def _check_resources(cfg: Config, num_train_episodes: int) -> None:
     if not _shortfall(need, ray.cluster_resources()):
         return
     if tcfg.wait_for_resources_s <= 0:
-        raise ValueError(
+        raise UserError(
             f"train.num_workers={tcfg.num_workers} needs {_describe(need)} but the cluster "
             f"has {_describe(_have(need))}; lower num_workers or cpus_per_worker, or, on an "
             "autoscaling cluster, set train.wait_for_resources_s to wait for its new nodes"
@@ -240,7 +241,7 @@ def _check_inputs(cfg: Config) -> tuple[EpisodeReader, EpisodeSplit, list[str], 
         reader.manifest["stage_prior"] = _stage_split(cfg, reader.manifest, split)
     tasks, task_language = task_table(reader.index())
     if tcfg.mismatch_prob > 0 and len(tasks) < 2:
-        raise ValueError("train.mismatch_prob > 0 needs episodes of at least 2 distinct prompts")
+        raise UserError("train.mismatch_prob > 0 needs episodes of at least 2 distinct prompts")
     check_trackers(tcfg.loggers)
     _check_resources(cfg, len(split.train))
     _check_dims(reader, split)
