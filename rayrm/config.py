@@ -266,8 +266,20 @@ class TrainConfig:
 
     def validate(self) -> None:
         _choice("train.stage_prior", self.stage_prior, ("episode", "frame"))
-        for name in ("num_workers", "batch_size"):
+        for name in ("num_workers", "batch_size", "epochs", "val_windows"):
             _at_least(f"train.{name}", getattr(self, name), 1)
+        for name in (
+            "steps",
+            "val_every",
+            "warmup_steps",
+            "lr_min",
+            "weight_decay",
+            "torch_threads",
+        ):
+            _at_least(f"train.{name}", getattr(self, name), 0)
+        for name in ("lr", "grad_clip"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
         if not 0.0 <= self.val_ratio < 1.0:
             raise ConfigError(f"train.val_ratio must be in [0, 1), got {self.val_ratio}")
         for name in ("success_weight", "rank_weight", "mismatch_prob", "rank_scale"):

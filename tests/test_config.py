@@ -244,6 +244,8 @@ def test_there_are_shipped_configs():
         (["--train.stage_prior", "uniform"], "train.stage_prior"),
         (["--train.val_ratio", "1.0"], "train.val_ratio"),
         (["--train.batch_size", "0"], "train.batch_size"),
+        (["--train.num_workers", "0"], "train.num_workers"),
+        (["--train.lr", "-1"], "train.lr"),
         (["--evaluate.split", "test"], "evaluate.split"),
     ],
 )
