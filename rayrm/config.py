@@ -254,7 +254,10 @@ class TrainConfig:
     # the same relative time tau, a success's prefix must score above a failure's prefix,
     # -log sigmoid(rank_scale * (p_success - p_failure)), weighted by tau. Needs failures.
     rank_weight: float = 1.0
-    rank_pairs: int = 64  # (success, failure) pairs per step, global
+    # (success, failure) pairs per step, global. null: in proportion to the failures, the
+    # batch size times their share of the training frames (at least 1), so a few failures
+    # are not drawn over and over; 0: none (failures' windows then train the success head)
+    rank_pairs: int | None = None
     rank_scale: float = 10.0
     rank_min_tau: float = 0.2  # taus drawn in [rank_min_tau, 1]: early prefixes look alike
     blind: bool = False  # zero every input feature: the blind control
@@ -288,7 +291,7 @@ class TrainConfig:
         for name in ("success_from", "rank_min_tau", "gt_stage_prob", "rewind_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"train.{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.rank_pairs < 0:
+        if self.rank_pairs is not None and self.rank_pairs < 0:
             raise ConfigError(f"train.rank_pairs must be >= 0, got {self.rank_pairs}")
 
 

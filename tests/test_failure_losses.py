@@ -309,3 +309,20 @@ def test_reward_hacking_flags_high_progress_that_the_success_head_calls_a_failur
 def test_bad_failure_settings_are_refused_when_the_config_is_built(override):
     with pytest.raises(ConfigError, match=override.split("=")[0]):
         load_config(overrides=[f"--{override}"])
+
+
+def test_pairs_per_step_follow_the_failures_share_of_frames_unless_set():
+    from rayrm.config import TrainConfig
+    from rayrm.train.loop import pairs_per_step
+
+    episodes = _device([10, 30, 10, 30], ["a", "a", "a", "a"], [True, False, True, False])
+    cfg = TrainConfig(batch_size=32)  # rank_pairs null: failures hold 60 of 80 frames
+    assert pairs_per_step(cfg, episodes, world=1) == 24
+    assert pairs_per_step(cfg, episodes, world=2) == 12
+    assert pairs_per_step(dataclasses.replace(cfg, rank_pairs=10), episodes, world=2) == 5
+    assert pairs_per_step(dataclasses.replace(cfg, rank_pairs=0), episodes, world=1) == 0
+    no_weight = dataclasses.replace(cfg, rank_weight=0.0, success_weight=0.0)
+    assert pairs_per_step(no_weight, episodes, world=1) == 0
+    few = _device([100, 2, 100], ["a", "a", "a"], [True, False, True])  # 1% of the frames
+    assert pairs_per_step(cfg, few, world=1) == 1
+    assert pairs_per_step(cfg, _device([10, 10], ["a", "a"], [True, True]), world=1) == 0

@@ -528,20 +528,26 @@ def _report(worker: Worker, step: int, scalars: dict, meta: dict, trackers: Trac
         )
 
 
+def pairs_per_step(cfg: TrainConfig, train: DeviceEpisodes, world: int) -> int:
+    """This rank's (success, failure) pairs per step: ``train.rank_pairs`` split over the
+    ranks, or (null) this rank's batch times the share of its frames that pairable failures
+    hold, at least 1: failures weigh as much as they would as windows of the batch."""
+    if train.ranks is None or cfg.rank_weight + cfg.success_weight == 0:
+        return 0
+    if cfg.rank_pairs is not None:
+        return max(1, cfg.rank_pairs // world) if cfg.rank_pairs else 0
+    share = float(train.lengths[train.ranks.failures].sum() / train.lengths.sum())
+    return max(1, round(max(1, cfg.batch_size // world) * share))
+
+
 def rank_inputs(worker: Worker, generator: torch.Generator, seq_len: int) -> RankInputs | None:
-    """This step's (success, failure) prefix pairs, or None: no pair on this rank, no pairs
-    asked for, or neither the ranking loss nor the success head would use them."""
+    """This step's (success, failure) prefix pairs (:func:`pairs_per_step`), or None."""
     cfg, train = worker.cfg, worker.train
-    if cfg.rank_pairs == 0 or train.ranks is None or cfg.rank_weight + cfg.success_weight == 0:
+    num_pairs = pairs_per_step(cfg, train, worker.world)
+    if num_pairs == 0:
         return None
     success, failure, tau = sample_rank_pairs(
-        train.ranks,
-        train.lengths,
-        train.offsets,
-        max(1, cfg.rank_pairs // worker.world),
-        seq_len,
-        cfg.rank_min_tau,
-        generator,
+        train.ranks, train.lengths, train.offsets, num_pairs, seq_len, cfg.rank_min_tau, generator
     )
     done = torch.cat(
         [done_labels(train, p.episode, p.local_frame, cfg.success_from) for p in (success, failure)]

@@ -261,13 +261,14 @@ def log_failure_use(
             "successes alone, and the ranking loss is off (it needs failures)"
         )
     else:
+        pairs = "in proportion to them" if tcfg.rank_pairs is None else tcfg.rank_pairs
         logger.info(
             "%d failed training episode(s): success head (weight %g) and ranking loss (weight "
-            "%g, %d pairs per step); no progress target on them",
+            "%g, pairs per step: %s); no progress target on them",
             failures,
             tcfg.success_weight,
             tcfg.rank_weight,
-            tcfg.rank_pairs,
+            pairs,
         )
 
 
