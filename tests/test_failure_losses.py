@@ -326,3 +326,12 @@ def test_pairs_per_step_follow_the_failures_share_of_frames_unless_set():
     few = _device([100, 2, 100], ["a", "a", "a"], [True, False, True])  # 1% of the frames
     assert pairs_per_step(cfg, few, world=1) == 1
     assert pairs_per_step(cfg, _device([10, 10], ["a", "a"], [True, True]), world=1) == 0
+
+
+def test_split_holds_out_a_share_of_each_flag_even_when_every_stratum_is_one_episode():
+    ids = [f"e{i}" for i in range(8)]
+    success = [True] * 5 + [False] * 3
+    strata = [(f"task {i}", s, None) for i, s in enumerate(success)]  # all different
+    held = split_episodes(ids, success, 0.3, 0, strata)
+    assert len([e for e in held if e in ids[:5]]) == 2  # round(0.3 * 5)
+    assert len([e for e in held if e in ids[5:]]) == 1

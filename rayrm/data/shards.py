@@ -256,25 +256,39 @@ def split_episodes(
     seed: int,
     strata: list[Any] | None = None,
 ) -> set[str]:
-    """Held-out episode ids: a stable hash order, stratified by ``strata`` (one hashable key
-    per episode; default the success flag; training uses (task, success, failure mode)).
+    """Held-out episode ids: ``val_ratio`` of the successes and of the failures (at least one
+    of each flag that has two or more episodes), chosen in a stable hash order.
 
-    The same ids, ratio and seed always give the same split, whatever the shard order, and
-    every stratum of two or more episodes holds some out: successes and failures of each task
-    and of each failure mode (AUROC needs both, per mode).
+    Within a flag, ``strata`` (one hashable key per episode; training uses (task, success,
+    failure mode)) are held out in proportion: each stratum's episodes are placed at
+    (k + 0.5) / its size for k in its hash order, and the first ones of that order over all
+    strata are taken (systematic sampling), so every task and failure mode is held out in its
+    share, and a stratum of one episode when the share reaches it. The same ids, ratio and
+    seed always give the same split, whatever the shard order.
     """
     if not 0.0 <= val_ratio < 1.0:
         raise UserError(f"val_ratio must be in [0, 1), got {val_ratio}")
-    strata = list(success) if strata is None else list(strata)
+    strata = [None] * len(episode_ids) if strata is None else list(strata)
     held_out: set[str] = set()
-    for key in sorted(set(strata), key=repr):
-        ids = [e for e, k in zip(episode_ids, strata) if k == key]
-        ids.sort(key=lambda e: hashlib.sha1(f"{seed}:{e}".encode()).hexdigest())
-        n_val = round(val_ratio * len(ids))
-        if val_ratio > 0 and len(ids) >= 2:
-            n_val = max(1, min(n_val, len(ids) - 1))
-        held_out.update(ids[:n_val])
+    for flag in (True, False, None):
+        members = [(e, k) for e, s, k in zip(episode_ids, success, strata) if s is flag]
+        n_val = round(val_ratio * len(members))
+        if val_ratio > 0 and len(members) >= 2:
+            n_val = max(1, min(n_val, len(members) - 1))
+        held_out.update(_proportional_order(members, seed)[:n_val])
     return held_out
+
+
+def _proportional_order(members: list[tuple[str, Any]], seed: int) -> list[str]:
+    """Episode ids ordered so that any first n holds each stratum in proportion."""
+    by_stratum: dict[str, list[str]] = {}
+    for episode, key in members:
+        by_stratum.setdefault(repr(key), []).append(episode)
+    placed = []
+    for key, ids in by_stratum.items():
+        ids.sort(key=lambda e: hashlib.sha1(f"{seed}:{e}".encode()).hexdigest())
+        placed += [((k + 0.5) / len(ids), key, e) for k, e in enumerate(ids)]
+    return [e for _, _, e in sorted(placed)]
 
 
 @dataclass
