@@ -1,17 +1,17 @@
 """Training throughput: the compiled model-only step rate vs rayrm's whole training loop, one run.
 
-    python bench/train_gpu.py                  # GPU: seed model, B 256, L 32, bf16, compiled
+    python bench/train_gpu.py                  # GPU: reference sizes, B 256, L 32, bf16, compiled
     python bench/train_gpu.py --tiny           # CPU smoke run (small model, few steps)
 
 Two numbers, in windows (samples) per second, same model, batch and optimizer:
 
 * ``model`` - the step alone: forward, MSE loss, backward, gradient clipping and a fused AdamW
-  update of the seed-size reward transformer (SEED-SPEC §5: d 512, 4 layers, 8 heads, inputs
-  D 768 + 384) on windows already gathered on the device (a few random batches, rotated),
-  bf16 autocast, ``torch.compile``. This is the ceiling: no data at all.
+  update of the reward transformer at the reference sizes (docs/recipe.md#model: d 512, 4
+  layers, 8 heads, inputs D 768 + 384) on windows already gathered on the device (a few random
+  batches, rotated), bf16 autocast, ``torch.compile``. This is the ceiling: no data at all.
 * ``rayrm`` - ``rayrm.train.run_train`` on a local Ray with one GPU worker: the embedding
   folder read by the worker itself (its episodes' chunks), the episode buffer on the device,
-  windows sampled per SEED-SPEC §4 (rewind 0.8) and gathered there each step, the same
+  windows sampled per docs/recipe.md#windows (rewind 0.8) and gathered there each step, the same
   compiled step, checkpoints and validation. Its figure is the loop's own ``windows_per_s``
   over the last validation interval (steady state: compilation happens in the first); the
   whole run's wall time, Ray start-up, compilation and validations included, is printed
@@ -44,7 +44,7 @@ from rayrm.train.model import RewardTransformer
 from rayrm.train.trainer import run_train
 
 logger = logging.getLogger("bench.train_gpu")
-VISUAL_DIM, LANGUAGE_DIM = 768, 384  # DINOv2 ViT-B + MiniLM, the seed's inputs
+VISUAL_DIM, LANGUAGE_DIM = 768, 384  # DINOv2 ViT-B + MiniLM, the recipe's inputs
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,4 +1,4 @@
-"""Training input: bytes each rank reads, and rayrm's window pipeline vs the seed's DataLoader.
+"""Training input: bytes each rank reads, and rayrm's window pipeline vs the reference DataLoader.
 
     .venv/bin/python bench/train_input.py [--episodes 200] [--frames 300] [--seconds 10]
 
@@ -9,19 +9,19 @@ rank reads its own with the reader the workers use (``EpisodeReader``, what
 be one copy of the training set whatever the worker count.
 
 Both sides produce batches of ``--batch`` windows of L=32 embeddings (D=768) with ReWIND targets
-and rewind augmentation (SEED-SPEC §4), from the same synthetic embeddings:
+and rewind augmentation (docs/recipe.md#windows), from the same synthetic embeddings:
 
-* seed: a ``torch.utils.data.Dataset`` the seed's way: per sample, a linear scan over the
-  episodes for the length-weighted choice, an HDF5 slice of the window, padding through Python
-  lists; a ``DataLoader`` with 4 workers collates the batch. Rewound frames are taken from
-  the slice already read (the seed reads each one from HDF5 again; not copied here, so the
-  baseline is the fair one).
+* reference: a ``torch.utils.data.Dataset`` built the reference pipeline's way: per sample, a
+  linear scan over the episodes for the length-weighted choice, an HDF5 slice of the window,
+  padding through Python lists; a ``DataLoader`` with 4 workers collates the batch. Rewound frames
+  are taken from the slice already read (the reference pipeline reads each one from HDF5 again; not
+  copied here, so the baseline is the fair one).
 * rayrm: the episodes loaded once from the embedding folder into a flat tensor
   (``EpisodeReader`` + ``episodes_from_table``), then ``sample_windows`` + ``window_inputs``:
   index tensors and one gather per batch (what each training worker runs between optimizer
   steps).
 
-Prints windows/s of each and, last, the ratio rayrm / seed (goal >= 20 on a 2-core CPU).
+Prints windows/s of each and, last, the ratio rayrm / reference (goal >= 20 on a 2-core CPU).
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ def make_episodes(n: int, mean_frames: int, seed: int = 0) -> list[np.ndarray]:
     return [rng.standard_normal((t, DIM), dtype=np.float32) for t in lengths]
 
 
-def write_seed_hdf5(path: str, episodes: list[np.ndarray]) -> None:
-    """The seed's embedding buffer: one group per episode."""
+def write_reference_hdf5(path: str, episodes: list[np.ndarray]) -> None:
+    """The reference pipeline's embedding buffer: one group per episode."""
     with h5py.File(path, "w") as f:
         for i, emb in enumerate(episodes):
             g = f.create_group(f"episode_{i:05d}")
@@ -81,8 +81,9 @@ def write_folder(path: str, episodes: list[np.ndarray]) -> None:
     write_episode_folder(path, table, {"visual_dim": DIM, "language_dim": LANG_DIM})
 
 
-class SeedStyleDataset(Dataset):
-    """SEED-SPEC §4 the way the seed does it (the bottleneck this benchmark measures)."""
+class ReferenceStyleDataset(Dataset):
+    """docs/recipe.md#windows the way the reference pipeline does it (the bottleneck this
+    benchmark measures)."""
 
     def __init__(self, path: str, rewind_prob: float = 0.8):
         self.path, self.rewind_prob = path, rewind_prob
@@ -96,7 +97,7 @@ class SeedStyleDataset(Dataset):
 
     def _pick_episode(self) -> int:
         r, cumulative = np.random.randint(sum(self.lengths)), 0
-        for i, n in enumerate(self.lengths):  # linear lookup, as the seed
+        for i, n in enumerate(self.lengths):  # linear lookup, as the reference pipeline
             cumulative += n
             if r < cumulative:
                 return i
@@ -126,8 +127,8 @@ class SeedStyleDataset(Dataset):
         return torch.from_numpy(np.stack(frames)), language, torch.tensor(progress)
 
 
-def seed_windows_per_s(path: str, batch: int, seconds: float) -> float:
-    loader = DataLoader(SeedStyleDataset(path), batch_size=batch, num_workers=4, shuffle=True)
+def reference_windows_per_s(path: str, batch: int, seconds: float) -> float:
+    loader = DataLoader(ReferenceStyleDataset(path), batch_size=batch, num_workers=4, shuffle=True)
     iterator, windows = iter(loader), 0
     next(iterator)  # workers started
     start = time.perf_counter()
@@ -174,8 +175,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     episodes = make_episodes(args.episodes, args.frames)
     with tempfile.TemporaryDirectory() as tmp:
-        h5_path, pq_path = os.path.join(tmp, "seed.h5"), os.path.join(tmp, "embeddings")
-        write_seed_hdf5(h5_path, episodes)
+        h5_path, pq_path = os.path.join(tmp, "reference.h5"), os.path.join(tmp, "embeddings")
+        write_reference_hdf5(h5_path, episodes)
         write_folder(pq_path, episodes)
         frames = sum(len(e) for e in episodes)
         logger.info(
@@ -196,11 +197,11 @@ def main() -> None:
                 sum(read) / 1e6,
                 sum(read) / one_copy,
             )
-        seed = seed_windows_per_s(h5_path, args.batch, args.seconds)
-        logger.info("seed-style DataLoader (4 workers): %.0f windows/s", seed)
+        reference = reference_windows_per_s(h5_path, args.batch, args.seconds)
+        logger.info("reference-style DataLoader (4 workers): %.0f windows/s", reference)
         ours, load = rayrm_windows_per_s(pq_path, args.batch, args.seconds)
         logger.info("rayrm windows (after a %.2f s one-time load): %.0f windows/s", load, ours)
-    logger.info("ratio rayrm / seed: %.1f", ours / seed)
+    logger.info("ratio rayrm / reference: %.1f", ours / reference)
 
 
 if __name__ == "__main__":

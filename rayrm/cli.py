@@ -23,7 +23,7 @@ from rayrm.runtime import init_ray, setup_logging
 logger = logging.getLogger("rayrm")
 
 COMMANDS = {
-    "synth": "write synthetic episodes (seed's raw HDF5 layout, or LeRobot v3)",
+    "synth": "write synthetic episodes (raw HDF5 layout, or LeRobot v3)",
     "embed": "HDF5 episodes or a LeRobot v3 dataset -> Parquet embedding shards (Ray Data)",
     "annotate-video": "per episode an mp4 with frame numbers and a contact sheet, to label stages",
     "annotate": "apply a stage JSON to the embedding shards (stage, subtask_progress columns)",

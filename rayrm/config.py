@@ -80,10 +80,10 @@ def _plain(value: Any) -> Any:
 
 @dataclass
 class SynthConfig:
-    """Synthetic episodes in the seed's raw HDF5 layout or as a LeRobot v3 dataset (see
+    """Synthetic episodes in the raw HDF5 layout (docs/data.md) or as a LeRobot v3 dataset (see
     ``rayrm.data.synthetic``)."""
 
-    # "hdf5" (the seed's layout) or "lerobot" (a LeRobot v3 dataset folder, mp4 videos)
+    # "hdf5" (the raw episode layout) or "lerobot" (a LeRobot v3 dataset folder, mp4 videos)
     format: str = "hdf5"
     # HDF5 file, or LeRobot dataset folder; default <workdir>/raw/episodes.h5 or raw/lerobot
     output: str | None = None
@@ -177,7 +177,7 @@ class EmbedConfig:
 
 @dataclass
 class ModelConfig:
-    """Reward transformer (SEED-SPEC §5). Defaults are the seed's sizes."""
+    """Reward transformer (docs/recipe.md#model). Defaults are the reference sizes."""
 
     d_model: int = 512
     num_layers: int = 4
@@ -186,7 +186,7 @@ class ModelConfig:
     dropout: float = 0.1
     head_hidden: int = 256
     max_seq_len: int = 32  # L: window length seen by the model
-    # "first": a learned vector on the first video token only (seed); "all": a learned
+    # "first": a learned vector on the first video token only (the reference); "all": a learned
     # position embedding for every video position.
     positional: str = "first"
     num_stages: int = 0  # 0: continuous ReWIND progress; K > 0: SARM stage + subtask heads
@@ -223,7 +223,7 @@ class TrainConfig:
     wait_for_resources_s: float = 0.0
     torch_threads: int = 0  # 0 = leave torch's default
     batch_size: int = 256  # global batch, split evenly over workers
-    epochs: int = 100  # an epoch = as many windows as training frames (seed)
+    epochs: int = 100  # an epoch = as many windows as training frames (docs/recipe.md#windows)
     steps: int = 0  # > 0 overrides epochs with a fixed step count
     lr: float = 1e-4
     lr_min: float = 1e-5  # cosine decay floor
@@ -237,11 +237,11 @@ class TrainConfig:
     # SARM: share of windows whose subtask head is conditioned on the ground-truth stage
     # (the predicted stage conditions the rest, as at inference).
     gt_stage_prob: float = 0.75
-    stage_prior: str = "episode"  # episode: mean per-episode stage share (SARM); frame: seed
+    stage_prior: str = "episode"  # episode: mean per-episode stage share (SARM); frame: pooled
     rewind: bool = True
     rewind_prob: float = 0.8
     val_ratio: float = 0.2  # held-out episodes, by episode
-    val_every: int = 0  # steps between validations; 0 = every 10 epochs (seed)
+    val_every: int = 0  # steps between validations; 0 = every 10 epochs (the reference's)
     val_windows: int = 512  # fixed windows drawn from held-out episodes for val loss
     # Failed episodes (success false) train the success head and the ranking loss, never the
     # progress targets (those assume success). true: drop them (the success-only ablation).
@@ -302,7 +302,7 @@ class AnnotateConfig:
     stages: str | None = None  # stage JSON; default stages.json beside synth.output
     embeddings: str | None = None  # shards labelled in place; default <workdir>/embeddings
     num_stages: int = 0  # K; 0 = from the JSON (its stage names, else its boundary counts)
-    stage_names: list[str] = field(default_factory=list)  # names for the seed's JSON form
+    stage_names: list[str] = field(default_factory=list)  # names for the plain JSON form
     # Episodes the JSON leaves out (failures often can't be fully labelled) are an error,
     # unless allowed: they then get empty stage / subtask_progress lists.
     allow_unannotated: bool = False

@@ -3,7 +3,7 @@
 The demo answers the first question a user has: does the model see anything? It trains the
 same model twice, once on the embeddings and once on all-zero inputs (the blind control), and
 reports the same metrics for both, on held-out episodes, for every curve kind (plain prefix,
-the seed's chaining, streaming causal), in one report (``<workdir>/eval/report.html``).
+chained, streaming causal), in one report (``<workdir>/eval/report.html``).
 
 When the training data holds failures and the model learns from them (the default), a third
 model is trained on the successes alone (``train.only_successful``), and the report sets the
@@ -12,7 +12,7 @@ ablation that shows what the failures taught the model.
 
 With ``model.num_stages > 0`` (``configs/demo_sarm.yaml``) it runs the stage pipeline too:
 ``rayrm synth`` writes the ground-truth boundaries of its successful episodes as a stage JSON
-(``<raw>/stages.json``, the seed's form), ``rayrm annotate`` applies it to the shards, and the
+(``<raw>/stages.json``, the plain form), ``rayrm annotate`` applies it to the shards, and the
 SARM model is trained and evaluated on them (stage accuracy, stage bands in the figures).
 """
 
@@ -35,7 +35,7 @@ DEMO_MARKER = ".rayrm-demo"  # a workdir holding this was made by the demo and m
 
 def run_synth(cfg: Config) -> Path:
     """Synthetic episodes, and beside them ``stages.json``: the ground-truth boundaries of the
-    successful episodes in the seed's stage-JSON form, ready for ``rayrm annotate``."""
+    successful episodes in the plain stage-JSON form, ready for ``rayrm annotate``."""
     from rayrm.annotate.labels import stage_json_from_hdf5, write_stage_json
 
     if cfg.synth.format == "lerobot":

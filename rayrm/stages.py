@@ -1,4 +1,4 @@
-"""Stage math for SARM-style labels (SEED-SPEC §3-§4), shared by annotate, train and evaluate.
+"""Stage math for SARM-style labels (docs/recipe.md#stages), shared by annotate, train and evaluate.
 
 Plain numpy, no torch and no rayrm imports, so training, evaluation and annotation can all
 import it without cycles.
@@ -64,7 +64,8 @@ def stage_priors(
 
     * ``episode`` (SARM paper, default): per episode the fraction of its frames in each stage,
       averaged over episodes; every demonstration counts the same, whatever its length.
-    * ``frame`` (the seed): the share of all frames in each stage; long episodes weigh more.
+    * ``frame`` (the reference pipeline's): the share of all frames in each stage; long
+      episodes weigh more.
 
     Empty stage lists (unannotated episodes) are skipped. A stage no episode reaches gets a
     prior of 0.

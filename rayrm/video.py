@@ -1,8 +1,8 @@
 """Frames to pictures: labels drawn on frames, mp4 files, contact sheets.
 
 mp4s are written through the ffmpeg binary that the ``imageio-ffmpeg`` wheel ships (no system
-ffmpeg; the seed shelled out to one). Text is drawn with Pillow's built-in font, so nothing
-here needs a display or a font file. Used by ``rayrm annotate-video`` and by evaluation.
+ffmpeg; the reference pipeline shelled out to one). Text is drawn with Pillow's built-in font,
+so nothing here needs a display or a font file. Used by ``rayrm annotate-video`` and by evaluation.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def draw_label(frame: np.ndarray, text: str) -> np.ndarray:
 
 
 def numbered_frames(frames: np.ndarray, min_size: int, start: int = 0) -> Iterable[np.ndarray]:
-    """Each frame upscaled and labelled "Frame: i" (the seed's annotated-video label)."""
+    """Each frame upscaled and labelled "Frame: i" (docs/recipe.md#stages)."""
     for i, frame in enumerate(frames):
         yield draw_label(upscale(frame, min_size), f"Frame: {start + i}")
 

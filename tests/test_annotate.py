@@ -47,7 +47,7 @@ def test_stage_labels_by_hand():
 def test_stage_priors_by_hand():
     a = [0, 0, 1, 1, 1, 1]  # shares 2/6, 4/6
     b = [0, 1, 1, 1]  # shares 1/4, 3/4
-    # SARM paper: mean of the per-episode shares; the seed: share of all frames
+    # SARM paper: mean of the per-episode shares; frame: share of all frames
     np.testing.assert_allclose(stage_priors([a, b], 2), [7 / 24, 17 / 24])
     np.testing.assert_allclose(stage_priors([a, b], 2, "frame"), [3 / 10, 7 / 10])
     np.testing.assert_allclose(stage_priors([a, [], b], 3), [7 / 24, 17 / 24, 0])  # [] skipped

@@ -8,8 +8,8 @@ References, all offline with small random weights:
   (right after CLS, after the position embedding). Its interpolation is the old one (+0.1
   offset, no antialias), so off the pretraining grid we compare with ``pos_interpolation:
   offset``;
-* transformers' ``Dinov2WithRegistersModel`` (the seed's antialiased interpolation) and
-  ``Dinov2Model`` (bicubic without antialias), saved with ``save_pretrained``.
+* transformers' ``Dinov2WithRegistersModel`` (the original reg4 model's antialiased
+  interpolation) and ``Dinov2Model`` (bicubic without antialias), saved with ``save_pretrained``.
 
 Embeddings are compared in fp32 within 1e-4.
 """
@@ -88,7 +88,7 @@ def frames(n: int = 4, h: int = PRETRAIN_SIZE, w: int = PRETRAIN_SIZE, seed: int
 
 
 def seed_pixels(x: np.ndarray) -> torch.Tensor:
-    """The seed's preprocessing, written out independently: x/255, then (x-0.5)/0.5."""
+    """The recipe's preprocessing, written out independently: x/255, then (x-0.5)/0.5."""
     t = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255.0
     return (t - 0.5) / 0.5
 
@@ -145,7 +145,7 @@ def test_original_checkpoint_off_grid_matches_the_reference_interpolation(
     x = frames(3, *size, seed=1)
     ours = dinov2(path, pos_interpolation="offset").embed_frames(x, ["p"] * 3)
     np.testing.assert_allclose(ours, reference_cls(reference, x), atol=ATOL)
-    # The seed's (antialiased) interpolation is a different table, so a different embedding.
+    # The default (antialiased) interpolation is a different table, so a different embedding.
     seed_way = dinov2(path).embed_frames(x, ["p"] * 3)
     assert np.abs(seed_way - ours).max() > 1e-3
 

@@ -1,4 +1,4 @@
-"""Curve metrics (rayrm.metrics) and the seed's chaining (rayrm.evaluate.curves.chain_curve)."""
+"""Curve metrics (rayrm.metrics) and chaining (rayrm.evaluate.curves.chain_curve)."""
 
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def test_mse_to_progress_by_hand():
     assert math.isnan(metrics.mse_to_progress([]))
 
 
-# --- chaining (SEED-SPEC §6) -------------------------------------------------------------
+# --- chaining (docs/recipe.md#curves) -------------------------------------------------------------
 
 
 def test_chain_curve_by_hand():
@@ -122,7 +122,7 @@ def test_chain_curve_by_hand():
 
 
 def test_known_defect_chaining_makes_a_blind_curve_look_perfect():
-    """SEED-SPEC "Known defects": chaining hides what the model sees.
+    """docs/recipe.md#departures-from-the-reference-pipeline: chaining hides what the model sees.
 
     A model fed zeros (the blind control) cannot see the episode, but it can count positions
     in its window (the language and first-frame tokens dilute attention as the window grows),

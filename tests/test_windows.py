@@ -1,4 +1,4 @@
-"""The training-window sampler (rayrm.train.windows) against SEED-SPEC §4, worked by hand.
+"""The training-window sampler (rayrm.train.windows) against docs/recipe.md#windows, worked by hand.
 
 The reference below (``reference_sequence``) is a plain-Python transcription of §4, written
 independently of the vectorised sampler: window frames a..b-1, optional rewind b-2 down to s+1,
@@ -23,10 +23,10 @@ SEQ_LENS = (1, 2, 3, 8, 32)
 
 
 def to_length(items: list, seq_len: int) -> list:
-    """SEED-SPEC §4 "to length L", as the seed writes it with numpy."""
+    """docs/recipe.md#windows "to length L", as the reference pipeline writes it with numpy."""
     n = len(items)
     if seq_len == 1:
-        # Deliberate deviation from the seed: np.linspace(0, n-1, 1) is [0] (the first item),
+        # Deliberate deviation from the reference: np.linspace(0, n-1, 1) is [0] (the first item),
         # but the one slot holds the last item, so a length-1 prefix window still ends at its
         # own frame (the prefix read position min(i, L-1) = 0 must hold frame i).
         return [items[-1]]
@@ -66,7 +66,7 @@ def sample(lengths, batch, seq_len, rewind_prob, seed=0):
 
 
 @pytest.mark.parametrize("seq_len", SEQ_LENS)
-def test_sequence_positions_matches_seed_pad_and_linspace(seq_len):
+def test_sequence_positions_match_the_reference_pad_and_linspace(seq_len):
     n = torch.arange(1, 201)
     got = sequence_positions(n, seq_len).numpy()
     assert got.shape == (200, seq_len) and got.dtype == np.int64
@@ -123,7 +123,7 @@ def test_forward_windows_follow_spec(seq_len):
         ends = {b for _, b in seen[ep]}
         assert min(starts) == 0 and max(starts) == T - 4
         assert max(ends) == T - 1 and all((a, a + 3) in seen[ep] for a in starts)
-        # the seed never shows the last frame T-1 (b is an exclusive end <= T-1)
+        # a window never shows the last frame T-1 (b is an exclusive end <= T-1)
         assert frames[episodes == ep].max() == T - 2
 
 

@@ -1,8 +1,8 @@
 """``rayrm annotate``: a stage JSON -> ``stage`` / ``subtask_progress`` columns on the shards.
 
-Stage JSON, two forms (boundaries = the first frames of stages 2..K, SEED-SPEC §3)::
+Stage JSON, two forms (boundaries = the first frames of stages 2..K, docs/recipe.md#stages)::
 
-    {"episode_0000": [12, 30, 45], "episode_0001": [10, 25, 41]}           # the seed's
+    {"episode_0000": [12, 30, 45], "episode_0001": [10, 25, 41]}           # plain
 
     {"stages": ["reach", "grasp", "move", "place"],                         # with names
      "episodes": {"episode_0000": [12, 30, 45], "episode_0001": [10, 25, 41]}}

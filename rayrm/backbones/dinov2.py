@@ -9,8 +9,8 @@ One compact ViT, written here, runs both checkpoint formats:
   from the local path only, and its state dict is renamed to the original names (separate
   q/k/v projections concatenated into ``qkv``).
 
-Why our own ViT rather than converting everything to HF's model: the seed's numbers come from
-the original code, whose position-embedding interpolation differs between its model variants
+Why our own ViT rather than converting everything to HF's model: the reference numbers come
+from the original code, whose position-embedding interpolation differs between its model variants
 and from HF's plain ``Dinov2Model`` (see ``POS_INTERPOLATIONS``); a compact model states that
 choice in one place, caches the interpolated table per patch grid instead of recomputing it
 every batch, and runs plain ``scaled_dot_product_attention`` (SDPA) in bf16 without any HF
@@ -21,12 +21,12 @@ Frames arrive as uint8 [B, H, W, 3] and are preprocessed on the model's device:
 
 * ``options.normalize``: ``seed`` (default: x/255, then (x-0.5)/0.5 on every channel) or
   ``imagenet`` (x/255, then ImageNet mean/std);
-* ``options.resolution``: ``native`` (default, the seed's: no resize; where 14 does not divide
-  H or W the frame is *center-cropped* to the largest multiple of 14 - at most 13 pixels lost,
-  and no invented border content, which padding would add) or ``resize`` to
+* ``options.resolution``: ``native`` (default, docs/recipe.md#embedding: no resize; where 14 does
+  not divide H or W the frame is *center-cropped* to the largest multiple of 14 - at most 13 pixels
+  lost, and no invented border content, which padding would add) or ``resize`` to
   ``options.image_size`` (an int or [H, W], multiples of 14; bicubic with antialias);
 * ``options.pos_interpolation``: how the 37x37 pretraining position table is resampled to
-  another patch grid - ``antialias`` (default: the seed's reg4 model and HF's
+  another patch grid - ``antialias`` (default: the original reg4 model and HF's
   ``Dinov2WithRegistersModel``), ``bicubic`` (HF's ``Dinov2Model``) or ``offset`` (the original
   code's plain models and the PyPI reference: scale factor with a +0.1 offset).
 
@@ -81,7 +81,7 @@ class CheckpointError(UserError):
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` = bf16 on a GPU, fp32 elsewhere (CPU bf16 is slow and not what the seed ran)."""
+    """``auto`` = bf16 on a GPU, fp32 elsewhere (CPU bf16 is slow; the reference ran fp32)."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in DTYPES:

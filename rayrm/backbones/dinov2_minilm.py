@@ -1,4 +1,4 @@
-"""``dinov2_minilm``: the seed's default backbone - DINOv2 CLS per frame, MiniLM per prompt.
+"""``dinov2_minilm``: DINOv2 CLS per frame, MiniLM per prompt (docs/recipe.md#embedding).
 
 Frames go through :class:`rayrm.backbones.dinov2.DinoV2Encoder` (checkpoint, preprocessing and
 resolution options are documented there); prompts through

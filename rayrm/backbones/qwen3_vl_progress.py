@@ -1,9 +1,9 @@
-"""In-context progress estimation with Qwen3-VL (GVL style, SEED-SPEC §2) and its answer parser.
+"""In-context progress estimation with Qwen3-VL (GVL, arXiv:2411.04549) and its answer parser.
 
 One message holds: the task; reference frames of one successful demonstration, in order, each
 labelled with its progress ((t+1)/T, rayrm's convention); the numbered target frames of a new
 episode; and the instruction to answer only N comma-separated numbers in [0, 1]. The model
-answers greedily and :func:`parse_progress` reads the answer as the seed did:
+answers greedily and :func:`parse_progress` reads the answer as docs/recipe.md#embedding states:
 
 * ``<think>...</think>`` blocks are removed (and, where the chat template opened the block in
   the prompt, everything before the last ``</think>``; an unfinished block yields nothing);
@@ -15,7 +15,7 @@ One deliberate addition: labels the model may echo ("Frame 3: 0.4") are removed 
 numbers are read, so a frame number is never taken for a progress value.
 
 API: ``ProgressEstimator(checkpoint)(reference_frames, target_frames, task)`` (model loaded
-once), or :func:`estimate_progress` for a single call. Command line, on the seed's HDF5 layout::
+once), or :func:`estimate_progress` for a single call. Command line, on the raw HDF5 layout::
 
     python -m rayrm.backbones.qwen3_vl_progress --checkpoint /models/Qwen3-VL-8B-Instruct \\
         --input episodes.h5 --reference episode_0 --num-target 16 --output progress.json
@@ -230,7 +230,7 @@ def estimate_file(
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="local Qwen3-VL model folder")
-    parser.add_argument("--input", required=True, help="HDF5 file in the seed's layout")
+    parser.add_argument("--input", required=True, help="HDF5 file in the raw episode layout")
     parser.add_argument("--reference", required=True, help="episode id of a successful demo")
     parser.add_argument("--episodes", nargs="*", help="episode ids (default: all others)")
     parser.add_argument("--camera", default="side_cam")

@@ -1,6 +1,6 @@
 """A tiny random-init backbone: every test and the demo run it on a CPU in seconds.
 
-Image encoder: the seed's preprocessing (x/255, then (x-0.5)/0.5), area-resize to 32x32,
+Image encoder: DINOv2's preprocessing (x/255, then (x-0.5)/0.5), area-resize to 32x32,
 three small convolutions, flatten (keeps *where* things are, which a global pool would
 lose), one linear layer. Text encoder: lower-cased words hashed into a random embedding
 table, mean-pooled. Both are deterministic from ``cfg.seed`` and independent of the batch.

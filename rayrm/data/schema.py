@@ -1,7 +1,7 @@
 """The data layouts rayrm reads and writes, written down once.
 
-Raw episodes (input, the seed's layout)
----------------------------------------
+Raw episodes (input)
+--------------------
 One HDF5 file holds many episodes; each top-level group is one episode and its name is the
 episode id. Episode ids must be unique across all input files.
 
@@ -240,7 +240,7 @@ import pyarrow as pa
 CAMERA_KEYS = ("side_cam", "wrist_cam")
 POSE_KEY = "tcp_pose"
 ACTION_KEY = "action"
-MIN_EPISODE_FRAMES = 4  # the window sampler needs a start in [0, T-4] (SEED-SPEC §4)
+MIN_EPISODE_FRAMES = 4  # the window sampler needs a start in [0, T-4] (docs/recipe.md#windows)
 
 ATTR_PROMPT = "prompt"
 ATTR_SUCCESS = "success"

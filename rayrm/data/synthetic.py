@@ -1,4 +1,4 @@
-"""Synthetic robot demonstrations in the seed's raw HDF5 layout (see ``rayrm.data.schema``), or
+"""Synthetic robot demonstrations in the raw HDF5 layout (see ``rayrm.data.schema``), or
 the same episodes as a LeRobot v3 dataset (``synth.format: lerobot``, see
 :func:`write_synthetic_lerobot`).
 

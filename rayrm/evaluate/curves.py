@@ -1,19 +1,19 @@
 """Whole-episode reward curves from a checkpoint, computed in a Ray Data actor.
 
-Three curves per episode (SEED-SPEC §6); every metric is reported for each:
+Three curves per episode (docs/recipe.md#curves); every metric is reported for each:
 
 * ``prefix``: the plain prefix curve; value t = the model's output at the last frame of the
   prefix emb[:t+1] brought to L frames like a training window. What the model actually says.
-* ``chained``: the seed's chaining for long episodes, total[t] = p[o] + (1 - p[o]) * p[t] with
-  o = max(t - L + 1, 0) on the prefix values p. Kept for comparison with the seed only:
-  chaining alone makes even a blind model score VOC 1.0.
+* ``chained``: the reference pipeline's chaining for long episodes,
+  total[t] = p[o] + (1 - p[o]) * p[t] with o = max(t - L + 1, 0) on the prefix values p. Kept for
+  comparison only: chaining alone makes even a blind model score VOC 1.0.
 * ``causal``: the online reward, computed by the streaming :class:`RewardScorer` fed one
   frame at a time (all episodes of a block stepped together as environments). It only ever sees
   frames 0..t, like the prefix curve, and equals it to float precision: it is computed through
   the other code path so the report shows that what ``rayrm evaluate`` measured is what an RL
   loop gets. (A sliding window of the last L frames was not chosen: ReWIND targets are relative
   to the window start, so such a window would say how far the last L frames went, not how far
-  the episode is; that is what the seed's chaining tries to patch up.)
+  the episode is; that is what chaining tries to patch up.)
 
 SARM models also give the predicted stage per frame (``stage_pred``; argmax of the logits).
 Models with a success head give its probability that the task is done at each frame of the
@@ -28,8 +28,8 @@ mismatched-instruction negatives train it to say 0 there.
 
 Rewound episodes (``rewound`` rows): an expert episode played forward up to a turnaround,
 then backward over its own frames (its embeddings in reverse order), so the ground-truth
-progress rises then falls. A model that sees the task must follow it down; the seed's chained
-curve keeps rising (SEED-SPEC, measured defects).
+progress rises then falls. A model that sees the task must follow it down; the chained
+curve keeps rising (docs/recipe.md#departures-from-the-reference-pipeline).
 """
 
 from __future__ import annotations

@@ -41,8 +41,8 @@ td.blind { color: #777; background: #fafafa; }
 NOTES = [
     "<b>plain prefix</b>: value t is the model's output at the last frame of frames 0..t, "
     "brought to the window length L like a training window: what the model says.",
-    "<b>chained</b>: the seed's stitching of long episodes; chaining alone makes a blind model "
-    "score VOC 1.0, so read it only beside the blind column.",
+    "<b>chained</b>: the reference pipeline's stitching of long episodes; chaining alone makes a "
+    "blind model score VOC 1.0, so read it only beside the blind column.",
     "<b>causal</b>: the streaming <code>RewardScorer</code> fed one frame at a time (the online "
     "reward); it equals the plain prefix curve to float precision (largest gap shown above).",
     "<b>blind control</b>: the same model trained and scored on all-zero inputs. A metric is "

@@ -1,19 +1,20 @@
-"""The reward transformer (SEED-SPEC §5): a continuous ReWIND head, or SARM stage heads.
+"""The reward transformer (docs/recipe.md#model): a continuous ReWiND head, or SARM stage heads.
 
-Continuous (``model.num_stages == 0``, the seed's default): progress = sigmoid head per frame.
+Continuous (``model.num_stages == 0``, the default): progress = sigmoid head per frame.
 
 SARM (``model.num_stages = K > 0``): a shared trunk feeds a stage head that outputs *logits*
-(trained with cross-entropy; the seed applied softmax first and then cross-entropy, i.e.
-softmax twice) and a subtask-progress head that is conditioned on a stage (one-hot, concatenated
-to the trunk features): the ground-truth stage for a share of training windows, the predicted
-stage otherwise and always at inference. Total progress = cumulative prior of the stage + prior
-of the stage x subtask progress, with the stage priors stored as buffers.
+(trained with cross-entropy; the reference pipeline applied softmax first and then
+cross-entropy, i.e. softmax twice) and a subtask-progress head that is conditioned on a stage
+(one-hot, concatenated to the trunk features): the ground-truth stage for a share of training
+windows, the predicted stage otherwise and always at inference. Total progress = cumulative prior
+of the stage + prior of the stage x subtask progress, with the stage priors stored as buffers.
 
 Tokens: [language] + L video tokens. Visual (and language) embeddings are first standardised
 with per-dimension statistics of the training set (stored as buffers, so they travel with the
 checkpoint): random or frozen features barely change within an episode, and the model only
-learns from them once each dimension is on a common scale (SEED-SPEC, measured defects).
-Order is carried by the causal mask; a learned vector marks the first video token (seed).
+learns from them once each dimension is on a common scale
+(docs/recipe.md#departures-from-the-reference-pipeline). Order is carried by the causal mask;
+a learned vector marks the first video token (docs/recipe.md#model).
 
 Success head (``model.success_head``, on by default): a per-frame logit of "the task is done
 at this frame", on the same hidden states as the progress head. It is what a model learns from
@@ -101,7 +102,7 @@ class RewardTransformer(nn.Module):
             else None
         )
         self.language_proj = nn.Linear(language_dim, d) if language_dim > 0 else None
-        if cfg.positional == "first":  # seed: order comes from the causal mask alone
+        if cfg.positional == "first":  # order comes from the causal mask alone
             self.first_frame = nn.Parameter(torch.randn(d) * 0.02)
         elif cfg.positional == "all":
             self.positions = nn.Parameter(torch.randn(cfg.max_seq_len, d) * 0.02)
@@ -233,7 +234,7 @@ class RewardTransformer(nn.Module):
     def prefix_outputs(
         self, visual: torch.Tensor, language: torch.Tensor | None, batch_size: int = 256
     ) -> dict[str, torch.Tensor | None]:
-        """Plain prefix curves of one episode (SEED-SPEC §6 without chaining).
+        """Plain prefix curves of one episode (docs/recipe.md#curves, without chaining).
 
         Prefix i (frames 0..i) is padded/subsampled to L like a training window; its values are
         the outputs at position min(i, L-1), i.e. at the prefix's last frame. Returns

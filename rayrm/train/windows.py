@@ -1,10 +1,10 @@
-"""Training windows exactly as SEED-SPEC §4, sampled for a whole batch at once.
+"""Training windows exactly as docs/recipe.md#windows states, sampled for a whole batch at once.
 
 For an episode of T frames (all numbers are frame indices inside the episode):
 
 * start ``a`` uniform in [0, T-4]; end ``b`` uniform in [a+3, T-1] (exclusive end), so the
-  window is frames a..b-1 (at least 3 frames; the seed never includes frame T-1);
-* progress target (ReWIND, relative to the window start): frame f -> (f - a) / (T - a);
+  window is frames a..b-1 (at least 3 frames; frame T-1 is never included);
+* progress target (ReWiND, relative to the window start): frame f -> (f - a) / (T - a);
 * rewind (probability ``rewind_prob``): split ``s`` uniform in [a, b-3]; frames b-2, b-3, ...,
   s+1 are appended in reverse, each with its own progress, so the target rises then falls;
 * to length L: a sequence of n <= L items is padded by repeating its last item; a longer one
@@ -25,8 +25,9 @@ import torch
 def sequence_positions(n: torch.Tensor, seq_len: int) -> torch.Tensor:
     """Per row, which of the n items fills each of the L slots: int64 [B, L].
 
-    Matches the seed: pad by repeating the last item, or ``np.linspace(0, n-1, L)`` truncated
-    to int (same float64 arithmetic: k * ((n-1)/(L-1)), last slot exactly n-1).
+    As the reference pipeline does: pad by repeating the last item, or
+    ``np.linspace(0, n-1, L)`` truncated to int (same float64 arithmetic: k * ((n-1)/(L-1)), last
+    slot exactly n-1).
     """
     n = n.to(torch.int64).unsqueeze(1)
     k = torch.arange(seq_len, device=n.device).unsqueeze(0)
