@@ -8,7 +8,7 @@ rank reads its own with the reader the workers use (``EpisodeReader``, what
 ``rayrm.train.loop.load_episodes`` runs): the bytes read per rank, and their total, which must
 be one copy of the training set whatever the worker count.
 
-Both sides produce batches of ``--batch`` windows of L=32 embeddings (D=768) with ReWIND targets
+Both sides produce batches of ``--batch`` windows of L=32 embeddings (D=768) with ReWiND targets
 and rewind augmentation (docs/recipe.md#windows), from the same synthetic embeddings:
 
 * reference: a ``torch.utils.data.Dataset`` built the reference pipeline's way: per sample, a

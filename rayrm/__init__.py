@@ -1,4 +1,4 @@
-"""rayrm: robot reward models (ReWIND progress, SARM stages) trained at scale on Ray.
+"""rayrm: robot reward models (ReWiND progress, SARM stages) trained at scale on Ray.
 
 The package follows the flow of the data: ``data`` (raw HDF5 episodes, Parquet schema,
 synthetic episodes) -> ``backbones`` + ``embed`` (Ray Data) -> ``train`` (Ray Train) ->

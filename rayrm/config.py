@@ -189,7 +189,7 @@ class ModelConfig:
     # "first": a learned vector on the first video token only (the reference); "all": a learned
     # position embedding for every video position.
     positional: str = "first"
-    num_stages: int = 0  # 0: continuous ReWIND progress; K > 0: SARM stage + subtask heads
+    num_stages: int = 0  # 0: continuous ReWiND progress; K > 0: SARM stage + subtask heads
     # A per-frame success head (logit: "the task is done at this frame"), trained on
     # successes and failures alike (train.success_weight); checkpoints from before it have none.
     success_head: bool = True

@@ -49,7 +49,8 @@ class Backbone(abc.ABC):
     # Do ``embed_prompts`` and the dims come out the same when built on the CPU, at a cost
     # small beside a GPU actor's start (a float32 text encoder, a ViT's weights)? rayrm.embed
     # then computes them in a CPU task beside the GPU actors instead of on a GPU before them
-    # (measured on an H100: 14 s of a 35 s start-up). Not for VLMs (billions of parameters).
+    # (a large part of a GPU actor's start-up; bench/RESULTS.md). Not for VLMs (billions of
+    # parameters).
     prompts_on_cpu: bool = False
 
     def __init__(self, cfg: BackboneConfig, device: torch.device | None = None):

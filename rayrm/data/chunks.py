@@ -26,8 +26,8 @@ logger = logging.getLogger(__name__)
 
 # How chunk files are written. One row group per chunk lets readers fetch single chunks. No
 # compression and no dictionary for the embeddings: float embeddings do not compress, and
-# pyarrow's default dictionary attempt made the files 1.5x the raw floats (measured on
-# random 768-d embeddings: 1.53 with it, 1.00 without).
+# pyarrow's default dictionary attempt made the files half as large again as the raw floats
+# (bench/RESULTS.md, "Chunk file size").
 CHUNK_PARQUET_OPTIONS = {
     "row_group_size": 1,
     "compression": "none",

@@ -449,7 +449,7 @@ def _file_groups(episodes: list[LeRobotEpisodeInfo], n_groups: int) -> list[list
     """Exactly ``n_groups`` (at most one per episode) consecutive runs of episodes in (file,
     time) order with about equal frame counts: a task then reads its files front to back and
     few files are opened by two tasks. Exactly: with fewer read tasks than it asked for, Ray
-    Data splits every block to make up the count (measured: blocks of 8 frames arrived as 4)."""
+    Data splits every block to make up the count (blocks of 8 frames arrive as two of 4)."""
     ordered = sorted(episodes, key=lambda e: (e.source_file, e.from_timestamp))
     n_groups = min(n_groups, len(ordered))
     total = sum(e.num_frames for e in ordered)

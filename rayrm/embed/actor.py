@@ -26,8 +26,8 @@ def keep_large_allocations_on_the_heap() -> None:
 
     Above its mmap threshold (128 KiB, adapting up to 32 MiB) glibc maps new pages for every
     allocation and unmaps them on free, so each batch's activations are page-faulted and
-    zeroed anew. With the threshold at 256 MiB they are reused from the heap: measured with
-    ``tiny`` on this CPU, 6,700-7,400 frames/s before, 10,900 after. Only for backbones on the
+    zeroed anew. With the threshold at 256 MiB they are reused from the heap, which made
+    ``tiny`` on a CPU about half as fast again (bench/RESULTS.md). Only for backbones on the
     CPU (GPU activations live on the device); a no-op where libc is not glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -119,7 +119,7 @@ class ChunkWriter(FrameEmbedder):
     Writing here rather than in tasks after the actors: the embeddings would otherwise cross
     the object store once more, and Ray Data would re-cut the actors' output into blocks of
     its target size, which for small frames and large embeddings made blocks of a few frames
-    each and stalled the run (measured: 10,000 frames of 16x16 at D=4096, 35 frames/s). On a
+    each and stalled the run (bench/RESULTS.md, the small-frame stall). On a
     GPU the write of one call overlaps the compute of the actor's other calls in flight.
     """
 

@@ -52,20 +52,19 @@ def _actor_pool(ecfg: EmbedConfig) -> ray.data.ActorPoolStrategy:
         gpus = ray.cluster_resources().get("GPU", 0.0)
         per_actor = ecfg.num_gpus_per_actor
         size = max(1, int(gpus // per_actor)) if per_actor > 0 else 1
-    # GPU actors: measured on an H100 (DINOv2-reg4, 224x224, compiled), 6,700 frames/s with
-    # two calls in flight and 7,060 with three, against 7,720 for the bare loop.
+    # GPU actors: three calls in flight came closer to the bare loop than two (on an H100,
+    # bench/RESULTS.md): one call's copies overlap another's compute.
     calls = ecfg.calls_per_actor or (_GPU_CALLS_PER_ACTOR if ecfg.num_gpus_per_actor > 0 else 1)
     # Four calls queued per actor (Ray's default: two) keep it busy while the executor loop
-    # notices a finished call and sends the next: measured 95% busy instead of 89% (then
-    # with one call per batch; a call now takes a whole block, see _frames_per_call).
+    # notices a finished call and sends the next (bench/RESULTS.md; a call now takes a
+    # whole block, see _frames_per_call).
     queue = {
         "max_tasks_in_flight_per_actor": max(_CALLS_QUEUED_PER_ACTOR, 2 * calls),
         "max_concurrent_calls_per_actor": calls,
         # Our own lock serialises backbones that are not thread-safe (FrameEmbedder), so
         # Ray's single-thread wrapper is not needed; without it, one call per actor runs in
         # the actor's main thread, where glibc serves the backbone's large CPU tensors from
-        # the tuned main heap (measured with tiny on this CPU: 9,240 frames/s in a worker
-        # thread, 10,400 in the main thread).
+        # the tuned main heap, which is faster on a CPU (bench/RESULTS.md).
         "enable_true_multi_threading": True,
     }
     if ecfg.max_actors > size:
@@ -78,10 +77,9 @@ def _frames_per_call(ecfg: EmbedConfig) -> int:
     (the actor then slices them into ``batch_size`` frames itself).
 
     Ray Data's own work per call (slicing the block, converting formats, building the output
-    block, its iterators and stats) left the actor idle about 1.2 ms between calls: measured
-    with ``tiny`` on this CPU, batches of 512 and blocks of 4,096, the gaps between backbone
-    calls added up to 3.7% of the run with one call per batch and 2.0-2.4% with one per
-    block (two runs each)."""
+    block, its iterators and stats) left the actor idle about 1.2 ms between calls; with one call
+    per block the gaps between backbone calls take a smaller share of the run than with one
+    per batch (bench/RESULTS.md)."""
     return ecfg.batch_size * max(1, ecfg.frames_per_block // max(1, ecfg.batch_size))
 
 
@@ -108,15 +106,15 @@ def _streaming_context(ecfg: EmbedConfig, episodes: list[EpisodeInfo]) -> Iterat
     exceeds 1.5x the target: a target of 0.8x our block size passes each block on, whole.
 
     Memory: reading is far faster than embedding, and Ray Data lets the read-ahead grow up to
-    its share of the object store (GBs), so the peak grew with the run's length (measured:
-    317 MiB for 500 episodes, 897 MiB for 2,000). A limit of blocks per actor keeps the peak
+    its share of the object store (GBs), so the peak grew with the run's length
+    (bench/RESULTS.md). A limit of blocks per actor keeps the peak
     flat. Ray Data admits a read task only when its share of the budget holds the task's two
     buffered output blocks, so the limit also sets how many read tasks run at once:
-    - GPU actors, 32 blocks: with 8, one read task ran at a time, which bounded DINOv2 on an
-      H100 at 5,340 frames/s (224x224, blocks of 256 frames) against 7,700 for the bare loop;
+    - GPU actors, 32 blocks: with 8, one read task ran at a time, which held DINOv2 on an
+      H100 well below the bare loop (224x224, blocks of 256 frames);
     - CPU actors, 8 blocks: they embed far slower than one task reads, so more read-ahead
-      only holds memory and competes for the CPUs (measured with tiny on 2 cores, blocks of
-      4,096 frames: 0.86-0.90 of the bare loop in four runs with 8 blocks, 0.86 in one with 32).
+      only holds memory and competes for the CPUs (32 blocks were no faster than 8;
+      bench/RESULTS.md).
     (A Dataset keeps the DataContext it was created under.)
     """
     frame_bytes = max(int(np.prod(e.frame_shape)) for e in episodes) * len(ecfg.views())

@@ -200,7 +200,7 @@ def _embed_episodes(
     dataset = chunk_dataset(cfg, todo, storage.absolute(cfg.embed.output), run.run_id)
     received = 0
     # One block prefetched: with two, Ray Data holds the first block back until the second
-    # is ready too (measured: the first embeddings reached the driver 0.5-1.2 s late).
+    # is ready too, so the first embeddings reach the driver late (bench/RESULTS.md).
     for records in dataset.iter_batches(
         batch_size=None, batch_format="pyarrow", prefetch_batches=1
     ):

@@ -11,7 +11,7 @@ Three curves per episode (docs/recipe.md#curves); every metric is reported for e
   frame at a time (all episodes of a block stepped together as environments). It only ever sees
   frames 0..t, like the prefix curve, and equals it to float precision: it is computed through
   the other code path so the report shows that what ``rayrm evaluate`` measured is what an RL
-  loop gets. (A sliding window of the last L frames was not chosen: ReWIND targets are relative
+  loop gets. (A sliding window of the last L frames was not chosen: ReWiND targets are relative
   to the window start, so such a window would say how far the last L frames went, not how far
   the episode is; that is what chaining tries to patch up.)
 

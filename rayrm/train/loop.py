@@ -155,7 +155,7 @@ class Inputs:
 
     visual: torch.Tensor  # [B, L, D]
     language: torch.Tensor  # [B, D_lang]
-    progress: torch.Tensor  # [B, L] ReWIND targets
+    progress: torch.Tensor  # [B, L] ReWiND targets
     known: torch.Tensor  # bool [B]: the progress/stage targets hold (not a failure's window)
     done: torch.Tensor  # float32 [B, L] success-head labels: 1 = the task is done here
     stage: torch.Tensor | None = None  # [B, L] SARM stage targets
@@ -254,7 +254,7 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def progress_terms(out: ModelOutput, inputs: Inputs) -> dict[str, torch.Tensor]:
-    """ReWIND: MSE on progress. SARM: MSE on subtask progress + cross-entropy on the stage
+    """ReWiND: MSE on progress. SARM: MSE on subtask progress + cross-entropy on the stage
     logits. Only where targets hold (``known``, and for SARM an annotated frame)."""
     rows = inputs.known.unsqueeze(1).expand_as(inputs.progress)
     if inputs.stage is None:
