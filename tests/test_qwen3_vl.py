@@ -1,7 +1,7 @@
 """Qwen3-VL backbone and GVL progress estimator (rayrm.backbones.qwen3_vl[_progress]).
 
-The model is the library's "tiny" debug flavour (``write_debug_model``): random weights, 2 text
-layers of width 64 and a 2-block vision tower, written to a temporary folder with a
+The model is the "tiny" debug flavour of ``rayrm.testing.write_debug_model``: random weights,
+2 text layers of width 64 and a 2-block vision tower, written to a temporary folder with a
 character-level tokenizer built with ``tokenizers``, a Qwen-style chat template and the PIL image
 processor's config - the files a real model folder holds, and no download.
 """
@@ -16,12 +16,7 @@ import pytest
 import torch
 
 from rayrm.backbones import build_backbone
-from rayrm.backbones.qwen3_vl import (
-    IMAGE_TOKEN,
-    ChatInputs,
-    frame_conversation,
-    write_debug_model,
-)
+from rayrm.backbones.qwen3_vl import IMAGE_TOKEN, ChatInputs, frame_conversation
 from rayrm.backbones.qwen3_vl_progress import (
     ProgressEstimator,
     evenly_spaced,
@@ -30,6 +25,7 @@ from rayrm.backbones.qwen3_vl_progress import (
     parse_progress,
 )
 from rayrm.config import BackboneConfig
+from rayrm.testing import write_debug_model
 
 HIDDEN = 64  # the tiny flavour's text width
 
