@@ -10,7 +10,7 @@ is 0 because the prompt is fused into every frame.
 
 Loading is offline from a local folder (``--backbone.checkpoint``): transformers'
 ``Qwen3VLModel`` (the language model's head is not loaded; the progress estimator in
-``rayrm.backbones.qwen3_vl_progress`` loads ``Qwen3VLForConditionalGeneration``), bf16 on a GPU
+``rayrm.zeroshot.gvl`` loads ``Qwen3VLForConditionalGeneration``), bf16 on a GPU
 (``backbone.dtype``), flash-attention 2 when ``flash_attn`` is installed, else SDPA.
 
 Inputs are built without ``Qwen3VLProcessor``: in transformers 5 it requires a video
