@@ -38,11 +38,11 @@ import ray
 import torch
 
 from rayrm.backbones import build_backbone
-from rayrm.backbones.base import default_device
-from rayrm.backbones.dinov2 import write_random_checkpoint
-from rayrm.backbones.qwen3_vl import frame_conversation, write_debug_model
+from rayrm.backbones.qwen3_vl import frame_conversation
 from rayrm.config import BackboneConfig, Config, EmbedConfig, RayConfig
+from rayrm.devices import default_device
 from rayrm.embed import run_embed
+from rayrm.testing import write_debug_model, write_random_checkpoint
 
 logger = logging.getLogger("bench.embed_gpu")
 PROMPT = "Put the cube in the pot."

@@ -39,6 +39,7 @@ import torch
 from rayrm.config import Config, ModelConfig, TrainConfig
 from rayrm.data import schema
 from rayrm.data.chunks import write_episode_folder
+from rayrm.devices import default_device
 from rayrm.train.loop import Inputs, LossWeights, optimizer_and_schedule, window_loss
 from rayrm.train.model import RewardTransformer
 from rayrm.train.trainer import run_train
@@ -161,7 +162,7 @@ def rayrm_loop(args, workdir: str, use_gpu: bool) -> tuple[float, float]:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     model = model_only(args, device)
     logger.info("model-only: %.0f windows/s", model)
     if device.type == "cuda":

@@ -3,7 +3,7 @@
 Commands: synth, embed, annotate-video (numbered videos to label stages from), annotate (a
 stage JSON onto the shards), train, evaluate, pipeline (embed -> train -> evaluate), demo
 (synth -> embed [-> annotate] -> train -> evaluate, with a blind control), serve (online
-rewards over HTTP and Ray Serve). Each parses its
+rewards over HTTP and Ray Serve), gvl (zero-shot progress from Qwen3-VL). Each parses its
 config, then calls one function; known input problems exit with status 2 and a message,
 nothing half-written.
 """
@@ -33,7 +33,7 @@ COMMANDS = {
     "pipeline": "embed -> train -> evaluate",
     "demo": "synth -> embed -> train -> evaluate, with a blind control",
     "serve": "online rewards: a checkpoint behind Ray Serve, HTTP on 127.0.0.1 (rayrm.serve)",
-    "progress": "Qwen3-VL in-context progress estimates (GVL); own flags: rayrm progress -h",
+    "gvl": "zero-shot progress: Qwen3-VL shown a successful episode in context (GVL)",
 }
 # What the user can fix: the message, exit status 2. Anything else (a ValueError too) is a
 # bug and keeps its traceback. ConfigError, ShardError and InvalidEpisodesError are UserErrors.
@@ -46,6 +46,11 @@ def _run(command: str, cfg) -> None:
         from rayrm.pipeline import run_synth
 
         run_synth(cfg)
+        return
+    if command == "gvl":  # one local model, no Ray
+        from rayrm.zeroshot.gvl import run_gvl
+
+        run_gvl(cfg.gvl)
         return
     init_ray(cfg.ray)
     if command == "embed":
@@ -99,10 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["progress"]:  # the GVL estimator has its own flags (see its --help)
-        from rayrm.backbones.qwen3_vl_progress import main as progress_main
-
-        return progress_main(argv[1:]) or 0
     args, overrides = build_parser().parse_known_args(argv)
     try:
         cfg = resolve_paths(load_config(args.config, overrides))

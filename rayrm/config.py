@@ -426,6 +426,31 @@ class ServeConfig:
 
 
 @dataclass
+class GvlConfig:
+    """Zero-shot progress (``rayrm gvl``, ``rayrm.zeroshot.gvl``): Qwen3-VL shown one successful
+    episode in context, asked for the progress of other episodes' frames (GVL)."""
+
+    checkpoint: str | None = None  # local Qwen3-VL model folder (required)
+    input: str | None = None  # HDF5 file in the seed's layout; default embed.input
+    reference: str | None = None  # episode id of a successful demonstration (required)
+    episodes: list[str] = field(default_factory=list)  # episodes asked about; empty = all others
+    camera: str = "side_cam"
+    num_reference: int = 8  # reference frames shown, evenly spaced over the episode
+    num_target: int = 16  # frames asked about per episode, evenly spaced
+    prompt: str | None = None  # task text; default the episode's (or file's) prompt attribute
+    dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; or float32 / bfloat16
+    max_new_tokens: int = 0  # answer budget; 0 = 64 + 8 per target frame
+    # Image processor bounds (min_pixels / max_pixels; default the model folder's)
+    options: dict[str, Any] = field(default_factory=dict)
+    output: str | None = None  # JSON file of the results; empty = printed to stdout
+
+    def validate(self) -> None:
+        _at_least("gvl.num_reference", self.num_reference, 1)
+        _at_least("gvl.num_target", self.num_target, 1)
+        _at_least("gvl.max_new_tokens", self.max_new_tokens, 0)
+
+
+@dataclass
 class RayConfig:
     address: str | None = None  # None: connect to a running cluster or start a local one
     num_cpus: int | None = None  # only for a local Ray started by rayrm
@@ -443,6 +468,7 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    gvl: GvlConfig = field(default_factory=GvlConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     log_level: str = "INFO"
 
@@ -616,6 +642,7 @@ def resolve_paths(cfg: Config) -> Config:
         input=cfg.annotate.input or out.embed.input,
         video_output=cfg.annotate.video_output or f"{work}/annotate",
     )
+    out.gvl = dataclasses.replace(cfg.gvl, input=cfg.gvl.input or out.embed.input)
     return out
 
 

@@ -1,7 +1,7 @@
-"""Qwen3-VL backbone and GVL progress estimator (rayrm.backbones.qwen3_vl[_progress]).
+"""Qwen3-VL backbone (rayrm.backbones.qwen3_vl) and GVL progress estimator (rayrm.zeroshot.gvl).
 
-The model is the library's "tiny" debug flavour (``write_debug_model``): random weights, 2 text
-layers of width 64 and a 2-block vision tower, written to a temporary folder with a
+The model is the "tiny" debug flavour of ``rayrm.testing.write_debug_model``: random weights,
+2 text layers of width 64 and a 2-block vision tower, written to a temporary folder with a
 character-level tokenizer built with ``tokenizers``, a Qwen-style chat template and the PIL image
 processor's config - the files a real model folder holds, and no download.
 """
@@ -16,20 +16,11 @@ import pytest
 import torch
 
 from rayrm.backbones import build_backbone
-from rayrm.backbones.qwen3_vl import (
-    IMAGE_TOKEN,
-    ChatInputs,
-    frame_conversation,
-    write_debug_model,
-)
-from rayrm.backbones.qwen3_vl_progress import (
-    ProgressEstimator,
-    evenly_spaced,
-    gvl_conversation,
-    main,
-    parse_progress,
-)
-from rayrm.config import BackboneConfig
+from rayrm.backbones.qwen3_vl import IMAGE_TOKEN, ChatInputs, frame_conversation
+from rayrm.cli import main
+from rayrm.config import BackboneConfig, ConfigError, load_config
+from rayrm.testing import write_debug_model
+from rayrm.zeroshot.gvl import ProgressEstimator, evenly_spaced, gvl_conversation, parse_progress
 
 HIDDEN = 64  # the tiny flavour's text width
 
@@ -214,20 +205,39 @@ def test_estimator_runs_the_model_and_parses(estimator, monkeypatch):
     np.testing.assert_allclose(estimate.progress, [0.1, 0.4, np.nan], atol=1e-6)
 
 
-def test_command_line_writes_progress_per_episode(qwen_folder, tmp_path, monkeypatch):
-    path = tmp_path / "episodes.h5"
+def write_episodes(path, count: int = 2) -> str:
     with h5py.File(path, "w") as f:
         f.attrs["prompt"] = "Put the cube in the pot."
-        for i in range(2):
+        for i in range(count):
             f.create_group(f"episode_{i}").create_dataset("side_cam", data=frames(5, seed=i))
+    return str(path)
+
+
+def test_gvl_command_writes_progress_per_episode(qwen_folder, tmp_path, monkeypatch):
+    path = write_episodes(tmp_path / "episodes.h5")
     monkeypatch.setattr(ProgressEstimator, "_generate", lambda self, batch, n: "0.2, 0.6, 1.0")
     output = tmp_path / "progress.json"
-    argv = ["--checkpoint", qwen_folder, "--input", str(path), "--reference", "episode_0"]
-    assert main([*argv, "--num-target", "3", "--num-reference", "2", "--output", str(output)]) == 0
+    argv = ["gvl", "--gvl.checkpoint", qwen_folder, "--gvl.input", path]
+    argv += ["--gvl.reference", "episode_0", "--gvl.num_target", "3"]
+    assert main([*argv, "--gvl.num_reference", "2", "--gvl.output", str(output)]) == 0
     results = json.loads(output.read_text())
     assert list(results) == ["episode_1"]
     assert results["episode_1"]["frame_indices"] == [0, 2, 4]
     assert results["episode_1"]["progress"] == pytest.approx([0.2, 0.6, 1.0])
+
+
+def test_gvl_command_names_what_is_missing(qwen_folder, tmp_path, caplog):
+    path = write_episodes(tmp_path / "episodes.h5")
+    argv = ["gvl", "--gvl.checkpoint", qwen_folder, "--gvl.input", path]
+    assert main(argv) == 2
+    assert "--gvl.reference" in caplog.text
+    assert main([*argv, "--gvl.reference", "episode_9"]) == 2
+    assert "no episode 'episode_9'" in caplog.text
+
+
+def test_gvl_settings_are_checked_when_the_config_is_built():
+    with pytest.raises(ConfigError, match="gvl.num_target"):
+        load_config(None, ["--gvl.num_target", "0"])
 
 
 def test_chat_inputs_need_a_chat_template(qwen_folder, tmp_path):

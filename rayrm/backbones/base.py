@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from rayrm.config import BackboneConfig
+from rayrm.devices import default_device
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +72,6 @@ class Backbone(abc.ABC):
         Callers that take prompts from users (``rayrm serve``) refuse such a prompt instead of
         scoring a task the model never read to the end."""
         return None
-
-
-def default_device() -> torch.device:
-    # Choose from torch, not from Ray: a fake-GPU test cluster assigns GPUs torch can't see.
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def frames_tensor(frames: np.ndarray) -> torch.Tensor:

@@ -10,7 +10,7 @@ averages over the image tokens only. The embedding is float32 [hidden size] (409
 
 Loading is offline from a local folder (``--backbone.checkpoint``): transformers'
 ``Qwen3VLModel`` (the language model's head is not loaded; the progress estimator in
-``rayrm.backbones.qwen3_vl_progress`` loads ``Qwen3VLForConditionalGeneration``), bf16 on a GPU
+``rayrm.zeroshot.gvl`` loads ``Qwen3VLForConditionalGeneration``), bf16 on a GPU
 (``backbone.dtype``), flash-attention 2 when ``flash_attn`` is installed, else SDPA.
 
 Inputs are built without ``Qwen3VLProcessor``: in transformers 5 it requires a video
@@ -36,9 +36,9 @@ import numpy as np
 import torch
 
 from rayrm.backbones.base import Backbone, check_frames, register_backbone
-from rayrm.backbones.dinov2 import resolve_dtype
 from rayrm.backbones.minilm import mean_pool
 from rayrm.config import BackboneConfig
+from rayrm.devices import resolve_dtype
 from rayrm.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -245,148 +245,3 @@ class Qwen3VLBackbone(Backbone):
         if self.options.pool == "image":
             mask = mask * (batch["input_ids"] == self.inputs.image_token_id)
         return mean_pool(hidden.float(), mask).cpu().numpy()
-
-
-# --------------------------------------------------------------------------- debug flavours
-# Random-weight model folders with the files a real one holds, for tests and the benchmark
-# (no Qwen3-VL weights can be downloaded here). The tokenizer is character-level, so a prompt
-# costs more tokens than with Qwen's BPE; the chat template has Qwen's layout.
-
-DEBUG_SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    IMAGE_TOKEN,
-    VIDEO_TOKEN,
-    "<think>",
-    "</think>",
-]
-DEBUG_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:;!?%-_()[]'\"\n/="
-DEBUG_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-# (text, vision) sizes: "tiny" runs a test in milliseconds; "8b" has Qwen3-VL-8B's shapes.
-DEBUG_FLAVOURS = {
-    "tiny": (
-        dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            mrope_section=[4, 2, 2],
-        ),
-        dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            num_position_embeddings=64,
-            deepstack_visual_indexes=[1],
-        ),
-    ),
-    "8b": (
-        dict(
-            hidden_size=4096,
-            intermediate_size=12288,
-            num_hidden_layers=36,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=128,
-            mrope_section=[24, 20, 20],
-            vocab_size=151936,
-        ),
-        dict(
-            depth=27,
-            hidden_size=1152,
-            intermediate_size=4304,
-            num_heads=16,
-            num_position_embeddings=2304,
-            deepstack_visual_indexes=[8, 16, 24],
-        ),
-    ),
-}
-
-
-def _write_debug_tokenizer(folder: str) -> dict[str, int]:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate([*DEBUG_SPECIAL_TOKENS, *DEBUG_CHARS, "[UNK]"])}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # one token per character
-    tokenizer.decoder = decoders.Fuse()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        unk_token="[UNK]",
-        additional_special_tokens=DEBUG_SPECIAL_TOKENS[1:],
-        chat_template=DEBUG_CHAT_TEMPLATE,
-    ).save_pretrained(folder)
-    return vocab
-
-
-def _debug_config(flavour: str, vocab: dict[str, int]):
-    from transformers import Qwen3VLConfig
-
-    text, vision = (dict(d) for d in DEBUG_FLAVOURS[flavour])
-    mrope_section = text.pop("mrope_section")
-    text.setdefault("vocab_size", len(vocab))
-    text["rope_parameters"] = {
-        "rope_type": "default",
-        "rope_theta": 5_000_000.0,
-        "mrope_section": mrope_section,
-        "mrope_interleaved": True,
-    }
-    vision.update(patch_size=16, spatial_merge_size=2, temporal_patch_size=2)
-    return Qwen3VLConfig(
-        text_config=dict(text, pad_token_id=vocab["<|endoftext|>"]),
-        vision_config=dict(vision, out_hidden_size=text["hidden_size"]),
-        image_token_id=vocab[IMAGE_TOKEN],
-        video_token_id=vocab[VIDEO_TOKEN],
-        vision_start_token_id=vocab["<|vision_start|>"],
-        vision_end_token_id=vocab["<|vision_end|>"],
-    )
-
-
-def write_debug_model(
-    folder: str,
-    flavour: str = "tiny",
-    max_pixels: int = 64 * 64,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> str:
-    """A random-weight Qwen3-VL folder: config, weights, tokenizer, chat template, image
-    processor config. ``max_pixels`` bounds the frame size the processor resizes to."""
-    from transformers import Qwen3VLForConditionalGeneration
-
-    vocab = _write_debug_tokenizer(folder)
-    pil_image_processor_class()(
-        patch_size=16,
-        temporal_patch_size=2,
-        merge_size=2,
-        size={"shortest_edge": 32 * 32, "longest_edge": max_pixels},
-        image_mean=[0.5] * 3,
-        image_std=[0.5] * 3,
-    ).save_pretrained(folder)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # an 8B-shaped model is built straight in bf16
-    try:
-        with torch.random.fork_rng(devices=[]), torch.device(device):
-            torch.manual_seed(seed)
-            model = Qwen3VLForConditionalGeneration(_debug_config(flavour, vocab))
-    finally:
-        torch.set_default_dtype(previous)
-    model.save_pretrained(folder)
-    return folder

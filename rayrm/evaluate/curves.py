@@ -41,6 +41,7 @@ import pyarrow as pa
 import torch
 
 from rayrm.data.shards import EpisodeBatch, episodes_from_table
+from rayrm.devices import default_device
 from rayrm.evaluate.scorer import RewardScorer
 from rayrm.stages import stage_labels, stage_progress
 from rayrm.train.checkpoint import load_model
@@ -146,7 +147,7 @@ class ModelCurves:
         rewind: tuple[float, float] | None = None,
         instructions: dict[str, list[float]] | None = None,
     ):
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = default_device()
         self.model, config = load_model(checkpoint, device)
         self.blind = bool(config.get("train", {}).get("blind", False))
         self.num_stages = int(getattr(self.model.cfg, "num_stages", 0))

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from rayrm.config import BackboneConfig, from_dict
+from rayrm.devices import default_device
 from rayrm.errors import UserError
 from rayrm.train.checkpoint import load_model
 from rayrm.train.windows import sequence_positions
@@ -115,7 +116,7 @@ class RewardScorer:
     ) -> RewardScorer:
         """Load a checkpoint; the backbone named in it loads on first use (raw frames or
         prompts), or pass one (any ``rayrm.backbones.Backbone``)."""
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = device or default_device()
         model, config = load_model(path, device)
         return cls(model, config, backbone=backbone)
 

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from rayrm.backbones import build_backbone
-from rayrm.backbones.base import default_device
 from rayrm.config import BackboneConfig, ServeConfig, from_dict
+from rayrm.devices import default_device
 from rayrm.evaluate.scorer import causal_outputs, raw_frames_refused
 from rayrm.serve.errors import (
     BadRequestError,

@@ -1,9 +1,9 @@
-"""In-context progress estimation with Qwen3-VL (GVL, arXiv:2411.04549) and its answer parser.
+"""In-context progress estimation with Qwen3-VL (GVL style, SEED-SPEC §2) and its answer parser.
 
 One message holds: the task; reference frames of one successful demonstration, in order, each
 labelled with its progress ((t+1)/T, rayrm's convention); the numbered target frames of a new
 episode; and the instruction to answer only N comma-separated numbers in [0, 1]. The model
-answers greedily and :func:`parse_progress` reads the answer as docs/recipe.md#embedding states:
+answers greedily and :func:`parse_progress` reads the answer as the seed did:
 
 * ``<think>...</think>`` blocks are removed (and, where the chat template opened the block in
   the prompt, everything before the last ``</think>``; an unfinished block yields nothing);
@@ -15,15 +15,16 @@ One deliberate addition: labels the model may echo ("Frame 3: 0.4") are removed 
 numbers are read, so a frame number is never taken for a progress value.
 
 API: ``ProgressEstimator(checkpoint)(reference_frames, target_frames, task)`` (model loaded
-once), or :func:`estimate_progress` for a single call. Command line, on the raw HDF5 layout::
+once), or :func:`estimate_progress` for a single call. Command line, on the raw HDF5 layout
+(settings: the ``gvl`` section of the config, :class:`rayrm.config.GvlConfig`)::
 
-    python -m rayrm.backbones.qwen3_vl_progress --checkpoint /models/Qwen3-VL-8B-Instruct \\
-        --input episodes.h5 --reference episode_0 --num-target 16 --output progress.json
+    rayrm gvl --config configs/qwen3_vl.yaml --gvl.checkpoint /models/Qwen3-VL-8B-Instruct \\
+        --gvl.input episodes.h5 --gvl.reference episode_0 --gvl.num_target 16 \\
+        --gvl.output progress.json
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
@@ -33,9 +34,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rayrm.backbones.base import check_frames, default_device
-from rayrm.backbones.dinov2 import resolve_dtype
+from rayrm.backbones.base import check_frames
 from rayrm.backbones.qwen3_vl import ChatInputs, check_model_folder, load_qwen3_vl, model_inputs
+from rayrm.config import ConfigError, GvlConfig
+from rayrm.devices import default_device, resolve_dtype
 from rayrm.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -176,10 +178,14 @@ def estimate_progress(
     return ProgressEstimator(checkpoint, device, dtype)(reference_frames, target_frames, task)
 
 
-# --------------------------------------------------------------------------- command line
+# --------------------------------------------------------------------------- HDF5 episodes
 
 
 def _episode(h5file, episode_id: str, camera: str, count: int) -> tuple[np.ndarray, np.ndarray]:
+    if episode_id not in h5file:
+        raise UserError(f"{h5file.filename}: no episode {episode_id!r}")
+    if camera not in h5file[episode_id]:
+        raise UserError(f"{h5file.filename}: episode {episode_id} has no camera {camera!r}")
     frames = h5file[episode_id][camera]
     indices = evenly_spaced(len(frames), count)
     return indices, frames[indices.tolist()]
@@ -188,7 +194,7 @@ def _episode(h5file, episode_id: str, camera: str, count: int) -> tuple[np.ndarr
 def _prompt(h5file, episode_id: str, override: str | None) -> str:
     prompt = override or h5file[episode_id].attrs.get("prompt") or h5file.attrs.get("prompt")
     if not prompt:
-        raise UserError(f"episode {episode_id}: no prompt attribute; pass --prompt")
+        raise UserError(f"episode {episode_id}: no prompt attribute; set --gvl.prompt")
     return str(prompt)
 
 
@@ -203,13 +209,16 @@ def estimate_file(
     prompt: str | None = None,
     dtype: str = "auto",
     options: dict | None = None,
+    max_new_tokens: int | None = None,
 ) -> dict:
     """Progress for episodes of one HDF5 file (default: all but ``reference``), shown one
     successful ``reference`` episode in context. Returns ``{episode_id: {"frame_indices",
     "progress" (None for NaN), "answer"}}``."""
     from rayrm.data.hdf5 import open_hdf5
 
-    estimator = ProgressEstimator(checkpoint, dtype=dtype, options=options)
+    estimator = ProgressEstimator(
+        checkpoint, dtype=dtype, options=options, max_new_tokens=max_new_tokens
+    )
     results = {}
     with open_hdf5(h5_path) as f:
         ref_idx, ref_frames = _episode(f, reference, camera, num_reference)
@@ -227,43 +236,30 @@ def estimate_file(
     return results
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="local Qwen3-VL model folder")
-    parser.add_argument("--input", required=True, help="HDF5 file in the raw episode layout")
-    parser.add_argument("--reference", required=True, help="episode id of a successful demo")
-    parser.add_argument("--episodes", nargs="*", help="episode ids (default: all others)")
-    parser.add_argument("--camera", default="side_cam")
-    parser.add_argument("--num-reference", type=int, default=8, help="reference frames shown")
-    parser.add_argument("--num-target", type=int, default=16, help="frames asked about")
-    parser.add_argument("--prompt", help="task text (default: the HDF5 prompt attribute)")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU) | float32 | bfloat16")
-    parser.add_argument("--output", help="JSON file for the results (default: stdout)")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+def run_gvl(cfg: GvlConfig) -> dict:
+    """``rayrm gvl``: :func:`estimate_file` with the ``gvl`` settings; the results go to
+    ``gvl.output`` as JSON, or to stdout when it is empty."""
+    for name in ("checkpoint", "input", "reference"):
+        if not getattr(cfg, name):
+            raise ConfigError(f"rayrm gvl needs --gvl.{name}")
     results = estimate_file(
-        args.checkpoint,
-        args.input,
-        args.reference,
-        episodes=args.episodes,
-        camera=args.camera,
-        num_reference=args.num_reference,
-        num_target=args.num_target,
-        prompt=args.prompt,
-        dtype=args.dtype,
+        cfg.checkpoint,
+        cfg.input,
+        cfg.reference,
+        episodes=cfg.episodes,
+        camera=cfg.camera,
+        num_reference=cfg.num_reference,
+        num_target=cfg.num_target,
+        prompt=cfg.prompt,
+        dtype=cfg.dtype,
+        options=cfg.options,
+        max_new_tokens=cfg.max_new_tokens or None,
     )
     text = json.dumps(results, indent=2)
-    if args.output:
-        with open(args.output, "w") as f:
+    if cfg.output:
+        with open(cfg.output, "w") as f:
             f.write(text)
+        logger.info("progress of %d episodes in %s", len(results), cfg.output)
     else:
         print(text)  # the command's output, not a log line
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return results
