@@ -130,7 +130,11 @@ class SynthConfig:
             ("image_size", self.image_size >= 16, ">= 16"),
             ("failure_fraction", 0.0 <= self.failure_fraction <= 1.0, "in [0, 1]"),
             ("min_stage_frames", self.min_stage_frames >= 2, ">= 2"),
-            ("max_stage_frames", self.max_stage_frames >= self.min_stage_frames, ">= min"),
+            (
+                "max_stage_frames",
+                self.max_stage_frames >= self.min_stage_frames,
+                ">= min_stage_frames",
+            ),
             ("noise", self.noise >= 0.0, ">= 0"),
             ("tasks", len(set(self.tasks)) == len(self.tasks), "distinct"),
             (
@@ -154,7 +158,11 @@ class SynthConfig:
                 "easy ones unless synth.distractor (the hard ones need the tray)",
             ),
             # LeRobot's videos are yuv420p, which needs even frame sizes
-            ("image_size", self.format != "lerobot" or self.image_size % 2 == 0, "even"),
+            (
+                "image_size",
+                self.format != "lerobot" or self.image_size % 2 == 0,
+                "even for lerobot",
+            ),
         ]
         for name, ok, rule in checks:
             if not ok:
