@@ -55,6 +55,12 @@ def _load_yaml(text: Any, where: str) -> Any:
 
 _NULLS = ("", "~", "null", "Null", "NULL")
 
+# Settings' vocabularies, declared here so the config is checked when it is built and the
+# code that reads a setting names the same choices.
+BACKBONE_DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+TRAIN_LOGGERS = ("tensorboard", "wandb", "mlflow")  # rayrm.train.tracking's trackers
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 
 @dataclass(frozen=True)
 class _Override:
@@ -76,6 +82,12 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
+
+
+SYNTH_FORMATS = ("hdf5", "lerobot")
+SYNTH_FAILURE_MODES = ("stall", "drop", "backward")  # the default cycle (failure_modes empty)
+SYNTH_HARD_FAILURE_MODES = ("wrong_target", "stop_short")  # need the tray (distractor)
+SYNTH_DESTINATIONS = ("pot", "tray")
 
 
 @dataclass
@@ -109,6 +121,53 @@ class SynthConfig:
     destinations: list[str] = field(default_factory=lambda: ["pot"])
     seed: int = 0
 
+    def validate(self) -> None:
+        """What can be checked without the generator's palette (``rayrm.data.synthetic``
+        checks the task colours)."""
+        all_modes = (*SYNTH_FAILURE_MODES, *SYNTH_HARD_FAILURE_MODES)
+        checks = [
+            ("num_episodes", self.num_episodes >= 1, ">= 1"),
+            ("image_size", self.image_size >= 16, ">= 16"),
+            ("failure_fraction", 0.0 <= self.failure_fraction <= 1.0, "in [0, 1]"),
+            ("min_stage_frames", self.min_stage_frames >= 2, ">= 2"),
+            (
+                "max_stage_frames",
+                self.max_stage_frames >= self.min_stage_frames,
+                ">= min_stage_frames",
+            ),
+            ("noise", self.noise >= 0.0, ">= 0"),
+            ("tasks", len(set(self.tasks)) == len(self.tasks), "distinct"),
+            (
+                "destinations",
+                bool(self.destinations)
+                and all(d in SYNTH_DESTINATIONS for d in self.destinations)
+                and len(set(self.destinations)) == len(self.destinations),
+                f"distinct, of {list(SYNTH_DESTINATIONS)}",
+            ),
+            (
+                "destinations",
+                self.distractor or "tray" not in self.destinations,
+                "without tray unless synth.distractor (the tray is the distractor)",
+            ),
+            ("format", self.format in SYNTH_FORMATS, f"one of {list(SYNTH_FORMATS)}"),
+            ("fps", self.fps >= 1, ">= 1"),
+            ("failure_modes", all(m in all_modes for m in self.failure_modes), f"of {all_modes}"),
+            (
+                "failure_modes",
+                self.distractor or not set(self.failure_modes) & set(SYNTH_HARD_FAILURE_MODES),
+                "easy ones unless synth.distractor (the hard ones need the tray)",
+            ),
+            # LeRobot's videos are yuv420p, which needs even frame sizes
+            (
+                "image_size",
+                self.format != "lerobot" or self.image_size % 2 == 0,
+                "even for lerobot",
+            ),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ConfigError(f"synth.{name} must be {rule}, got {getattr(self, name)!r}")
+
 
 @dataclass
 class BackboneConfig:
@@ -121,6 +180,11 @@ class BackboneConfig:
     checkpoint: str | None = None  # weights file or folder for real backbones
     dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; or float32 / bfloat16
     options: dict[str, Any] = field(default_factory=dict)  # backbone-specific settings
+
+    def validate(self) -> None:
+        _choice("backbone.dtype", self.dtype, BACKBONE_DTYPES)
+        _at_least("backbone.visual_dim", self.visual_dim, 1)
+        _at_least("backbone.language_dim", self.language_dim, 1)
 
 
 @dataclass
@@ -173,6 +237,20 @@ class EmbedConfig:
             raise ConfigError("embed.camera_as_episode needs the cameras in embed.cameras")
         if self.camera_as_episode and self.state:
             raise ConfigError("embed.state needs one episode per recording, not camera_as_episode")
+        for name in ("batch_size", "frames_per_block"):
+            _at_least(f"embed.{name}", getattr(self, name), 1)
+        for name in (
+            "num_actors",
+            "max_actors",
+            "num_gpus_per_actor",
+            "num_cpus_per_actor",
+            "calls_per_actor",
+            "torch_threads",
+        ):
+            _at_least(f"embed.{name}", getattr(self, name), 0)
+        for name in ("max_failed_episodes", "max_actor_restarts"):  # -1 = unlimited
+            _at_least(f"embed.{name}", getattr(self, name), -1)
+        _above("embed.progress_every_s", self.progress_every_s, 0)
 
 
 @dataclass
@@ -293,6 +371,12 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.rank_pairs is not None and self.rank_pairs < 0:
             raise ConfigError(f"train.rank_pairs must be >= 0, got {self.rank_pairs}")
+        _above("train.cpus_per_worker", self.cpus_per_worker, 0)
+        for name in ("wait_for_resources_s", "num_to_keep", "crash_at_step"):
+            _at_least(f"train.{name}", getattr(self, name), 0)
+        _at_least("train.max_failures", self.max_failures, -1)  # -1 = unlimited (Ray Train)
+        for i, name in enumerate(self.loggers):
+            _choice(f"train.loggers[{i}]", name, TRAIN_LOGGERS)
 
 
 @dataclass
@@ -314,6 +398,11 @@ class AnnotateConfig:
     min_size: int = 256  # small frames are upscaled (nearest) so numbers stay readable
     contact_every: int = 5  # contact sheet: every n-th frame
     contact_columns: int = 8
+
+    def validate(self) -> None:
+        _at_least("annotate.num_stages", self.num_stages, 0)
+        for name in ("fps", "min_size", "contact_every", "contact_columns"):
+            _at_least(f"annotate.{name}", getattr(self, name), 1)
 
 
 @dataclass
@@ -339,9 +428,6 @@ class EvaluateConfig:
     hacking_progress: float = 0.9
     hacking_success: float = 0.5
 
-    def validate(self) -> None:
-        _choice("evaluate.split", self.split, ("val", "all"))
-
     rewind: bool = True  # also score rewound copies of the expert episodes
     rewind_turn: float = 0.75  # play forward up to this share of the episode...
     rewind_back: float = 0.5  # ...then back over this share of the frames played
@@ -350,6 +436,17 @@ class EvaluateConfig:
     fps: int = 10
     report: bool = True  # the self-contained report.html
     embed_videos_mb: float = 25.0  # embed videos in the report up to this total, else link
+
+    def validate(self) -> None:
+        _choice("evaluate.split", self.split, ("val", "all"))
+        _at_least("evaluate.plot_episodes", self.plot_episodes, 0)
+        for name in ("batch_size", "fps"):
+            _at_least(f"evaluate.{name}", getattr(self, name), 1)
+        for name in ("episode_figures", "videos"):  # -1 = all
+            _at_least(f"evaluate.{name}", getattr(self, name), -1)
+        _at_least("evaluate.embed_videos_mb", self.embed_videos_mb, 0)
+        for name in ("hacking_progress", "hacking_success", "rewind_turn", "rewind_back"):
+            _within(f"evaluate.{name}", getattr(self, name), 0.0, 1.0)
 
 
 @dataclass
@@ -380,6 +477,17 @@ class ScoreConfig:
     max_actor_restarts: int = 4  # per actor, and retries per call; -1 = unlimited
     progress_every_s: float = 30.0  # seconds between progress log lines
     overwrite: bool = False
+
+    def validate(self) -> None:
+        for name in ("batch_size", "episodes_per_part"):
+            _at_least(f"score.{name}", getattr(self, name), 1)
+        for name in ("rabc_chunk", "rabc_kappa", "num_actors", "num_cpus_per_actor"):
+            _at_least(f"score.{name}", getattr(self, name), 0)
+        _at_least("score.torch_threads", self.torch_threads, 0)
+        if self.num_gpus_per_actor is not None:
+            _at_least("score.num_gpus_per_actor", self.num_gpus_per_actor, 0)
+        _at_least("score.max_actor_restarts", self.max_actor_restarts, -1)  # -1 = unlimited
+        _above("score.progress_every_s", self.progress_every_s, 0)
 
 
 @dataclass
@@ -423,6 +531,11 @@ class ServeConfig:
                 raise ConfigError(f"serve.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"serve.port must be in 1..65535, got {self.port}")
+        _above("serve.target_ongoing_requests", self.target_ongoing_requests, 0)
+        _at_least("serve.downscale_delay_s", self.downscale_delay_s, 0)
+        _at_least("serve.max_frame_side", self.max_frame_side, 1)
+        if self.gpus_per_replica is not None:
+            _at_least("serve.gpus_per_replica", self.gpus_per_replica, 0)
 
 
 @dataclass
@@ -454,6 +567,10 @@ class GvlConfig:
 class RayConfig:
     address: str | None = None  # None: connect to a running cluster or start a local one
     num_cpus: int | None = None  # only for a local Ray started by rayrm
+
+    def validate(self) -> None:
+        if self.num_cpus is not None:
+            _at_least("ray.num_cpus", self.num_cpus, 1)
 
 
 @dataclass
@@ -575,6 +692,16 @@ def _at_least(name: str, value: float, low: float) -> None:
         raise ConfigError(f"{name} must be >= {low}, got {value}")
 
 
+def _above(name: str, value: float, low: float) -> None:
+    if value <= low:
+        raise ConfigError(f"{name} must be > {low}, got {value}")
+
+
+def _within(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be in [{low}, {high}], got {value}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file, then the overrides."""
     cfg = Config()
@@ -595,6 +722,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def validate(cfg: Config) -> None:
     """Each section's own checks (a ``validate()`` method), run when the config is built."""
+    _choice("log_level", cfg.log_level.upper(), LOG_LEVELS)
     for section in dataclasses.fields(cfg):
         check = getattr(getattr(cfg, section.name), "validate", None)
         if callable(check):

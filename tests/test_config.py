@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 
 from rayrm.config import (
+    BACKBONE_DTYPES,
+    TRAIN_LOGGERS,
     Config,
     ConfigError,
     ModelConfig,
@@ -92,7 +95,7 @@ def test_string_fields_take_the_text_as_written():
             "001",  # not the int 1
             "--synth.prompt",
             "Task: put the cube in the pot # carefully",  # not a mapping, no comment
-            "--backbone.dtype",
+            "--embed.camera",
             "no",  # not YAML 1.1's False
             "--embed.prompt",
             "null",  # optional string: null is None
@@ -100,7 +103,7 @@ def test_string_fields_take_the_text_as_written():
     )
     assert cfg.train.run_name == "001"
     assert cfg.synth.prompt == "Task: put the cube in the pot # carefully"
-    assert cfg.backbone.dtype == "no"
+    assert cfg.embed.camera == "no"
     assert cfg.embed.prompt is None
 
 
@@ -247,8 +250,72 @@ def test_there_are_shipped_configs():
         (["--train.num_workers", "0"], "train.num_workers"),
         (["--train.lr", "-1"], "train.lr"),
         (["--evaluate.split", "test"], "evaluate.split"),
+        (["--log_level", "LOUD"], "log_level"),
+        (["--synth.format", "zarr"], "synth.format"),
+        (["--synth.num_episodes", "0"], "synth.num_episodes"),
+        (["--synth.failure_fraction", "1.5"], "synth.failure_fraction"),
+        (["--synth.failure_modes", "teleport"], "synth.failure_modes"),
+        (["--synth.failure_modes", "stop_short"], "synth.failure_modes"),
+        (["--synth.destinations", "shelf"], "synth.destinations"),
+        (["--synth.destinations", "pot,tray"], "synth.destinations"),
+        (["--synth.tasks", "red,red"], "synth.tasks"),
+        (["--synth.image_size", "8"], "synth.image_size"),
+        (["--synth.format", "lerobot", "--synth.image_size", "65"], "synth.image_size"),
+        (["--synth.fps", "0"], "synth.fps"),
+        (["--synth.noise", "-1"], "synth.noise"),
+        (["--synth.max_stage_frames", "4"], "synth.max_stage_frames"),
+        (["--backbone.dtype", "float64"], "backbone.dtype"),
+        (["--backbone.visual_dim", "0"], "backbone.visual_dim"),
+        (["--embed.batch_size", "0"], "embed.batch_size"),
+        (["--embed.frames_per_block", "0"], "embed.frames_per_block"),
+        (["--embed.num_actors", "-1"], "embed.num_actors"),
+        (["--embed.num_gpus_per_actor", "-0.5"], "embed.num_gpus_per_actor"),
+        (["--embed.calls_per_actor", "-1"], "embed.calls_per_actor"),
+        (["--embed.max_failed_episodes", "-2"], "embed.max_failed_episodes"),
+        (["--embed.max_actor_restarts", "-2"], "embed.max_actor_restarts"),
+        (["--embed.progress_every_s", "0"], "embed.progress_every_s"),
+        (["--train.cpus_per_worker", "0"], "train.cpus_per_worker"),
+        (["--train.wait_for_resources_s", "-1"], "train.wait_for_resources_s"),
+        (["--train.num_to_keep", "-1"], "train.num_to_keep"),
+        (["--train.max_failures", "-2"], "train.max_failures"),
+        (["--train.crash_at_step", "-1"], "train.crash_at_step"),
+        (["--train.loggers", "tensorboard,comet"], "train.loggers[1]"),
+        (["--annotate.num_stages", "-1"], "annotate.num_stages"),
+        (["--annotate.fps", "0"], "annotate.fps"),
+        (["--annotate.contact_every", "0"], "annotate.contact_every"),
+        (["--evaluate.batch_size", "0"], "evaluate.batch_size"),
+        (["--evaluate.plot_episodes", "-1"], "evaluate.plot_episodes"),
+        (["--evaluate.videos", "-2"], "evaluate.videos"),
+        (["--evaluate.hacking_progress", "1.5"], "evaluate.hacking_progress"),
+        (["--evaluate.rewind_turn", "-0.1"], "evaluate.rewind_turn"),
+        (["--evaluate.embed_videos_mb", "-1"], "evaluate.embed_videos_mb"),
+        (["--score.batch_size", "0"], "score.batch_size"),
+        (["--score.episodes_per_part", "0"], "score.episodes_per_part"),
+        (["--score.rabc_chunk", "-1"], "score.rabc_chunk"),
+        (["--score.rabc_kappa", "-0.1"], "score.rabc_kappa"),
+        (["--score.num_gpus_per_actor", "-1"], "score.num_gpus_per_actor"),
+        (["--score.max_actor_restarts", "-2"], "score.max_actor_restarts"),
+        (["--score.progress_every_s", "0"], "score.progress_every_s"),
+        (["--serve.target_ongoing_requests", "0"], "serve.target_ongoing_requests"),
+        (["--serve.max_frame_side", "0"], "serve.max_frame_side"),
+        (["--serve.gpus_per_replica", "-1"], "serve.gpus_per_replica"),
+        (["--ray.num_cpus", "0"], "ray.num_cpus"),
     ],
 )
 def test_values_out_of_range_are_refused_when_the_config_is_built(override, named):
-    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(named)):
         load_config(overrides=override)
+
+
+def test_the_configs_logger_names_are_the_trackers():
+    from rayrm.train.tracking import TRACKER_MODULES
+
+    assert set(TRACKER_MODULES) == set(TRAIN_LOGGERS)
+
+
+def test_every_backbone_dtype_name_resolves():
+    torch = pytest.importorskip("torch")
+    from rayrm.backbones.dinov2 import resolve_dtype
+
+    for name in BACKBONE_DTYPES:
+        assert isinstance(resolve_dtype(name, torch.device("cpu")), torch.dtype)

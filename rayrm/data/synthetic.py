@@ -84,7 +84,13 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from rayrm.config import SynthConfig
+from rayrm.config import (
+    SYNTH_DESTINATIONS,
+    SYNTH_FAILURE_MODES,
+    SYNTH_HARD_FAILURE_MODES,
+    ConfigError,
+    SynthConfig,
+)
 from rayrm.data import schema
 from rayrm.data.lerobot_writer import LeRobotEpisode, write_lerobot_dataset
 from rayrm.data.schema import (
@@ -102,14 +108,13 @@ from rayrm.errors import UserError
 logger = logging.getLogger(__name__)
 
 SIDE_CAM, WRIST_CAM = CAMERA_KEYS
-SYNTH_FORMATS = ("hdf5", "lerobot")
 # The cameras' video keys in a synthetic LeRobot dataset (LeRobot's naming convention).
 LEROBOT_CAMERAS = {SIDE_CAM: "observation.images.side", WRIST_CAM: "observation.images.wrist"}
 LEROBOT_SUCCESS_COLUMN = "success"
 NUM_STAGES = 4
 SUCCESS_MODE = "none"
-FAILURE_MODES = ("stall", "drop", "backward")  # the default cycle (synth.failure_modes empty)
-HARD_FAILURE_MODES = ("wrong_target", "stop_short")
+FAILURE_MODES = SYNTH_FAILURE_MODES  # the default cycle (synth.failure_modes empty)
+HARD_FAILURE_MODES = SYNTH_HARD_FAILURE_MODES
 ALL_FAILURE_MODES = (*FAILURE_MODES, *HARD_FAILURE_MODES)
 TRAY_HEIGHT = 0.045
 
@@ -132,7 +137,7 @@ CUBE_COLORS = {  # base RGB per task colour (jittered per episode); red is the o
 }
 DEFAULT_CUBE = "red"
 TASK_PROMPT = "Put the {} cube in the pot."
-DESTINATIONS = ("pot", "tray")
+DESTINATIONS = SYNTH_DESTINATIONS
 TRAY_PROMPT = "Put the {}cube on the tray."  # the colour and a space, or nothing
 TASK_STREAM = 7919  # seeds the task plan apart from the episodes' own generators
 # Gripper pointing down: 180 degrees about x, quaternion scalar-last (qx, qy, qz, qw).
@@ -209,46 +214,11 @@ class Motion:
 
 
 def validate_config(cfg: SynthConfig) -> None:
-    """Raise ValueError naming the first synth setting that cannot make a dataset."""
-    checks = [
-        ("num_episodes", cfg.num_episodes >= 1, ">= 1"),
-        ("image_size", cfg.image_size >= 16, ">= 16"),
-        ("failure_fraction", 0.0 <= cfg.failure_fraction <= 1.0, "in [0, 1]"),
-        ("min_stage_frames", cfg.min_stage_frames >= 2, ">= 2"),
-        ("max_stage_frames", cfg.max_stage_frames >= cfg.min_stage_frames, ">= min_stage_frames"),
-        ("noise", cfg.noise >= 0.0, ">= 0"),
-        ("tasks", all(t in CUBE_COLORS for t in cfg.tasks), f"colours of {list(CUBE_COLORS)}"),
-        ("tasks", len(set(cfg.tasks)) == len(cfg.tasks), "distinct"),
-        (
-            "destinations",
-            bool(cfg.destinations)
-            and all(d in DESTINATIONS for d in cfg.destinations)
-            and len(set(cfg.destinations)) == len(cfg.destinations),
-            f"distinct, of {list(DESTINATIONS)}",
-        ),
-        (
-            "destinations",
-            cfg.distractor or "tray" not in cfg.destinations,
-            "without tray unless synth.distractor (the tray is the distractor)",
-        ),
-        ("format", cfg.format in SYNTH_FORMATS, f"one of {list(SYNTH_FORMATS)}"),
-        ("fps", cfg.fps >= 1, ">= 1"),
-        (
-            "failure_modes",
-            all(m in ALL_FAILURE_MODES for m in cfg.failure_modes),
-            f"of {list(ALL_FAILURE_MODES)}",
-        ),
-        (
-            "failure_modes",
-            cfg.distractor or not set(cfg.failure_modes) & set(HARD_FAILURE_MODES),
-            "easy ones unless synth.distractor (the hard ones need the tray)",
-        ),
-        # LeRobot's videos are yuv420p, which needs even frame sizes
-        ("image_size", cfg.format != "lerobot" or cfg.image_size % 2 == 0, "even for lerobot"),
-    ]
-    for name, ok, rule in checks:
-        if not ok:
-            raise UserError(f"synth.{name} must be {rule}, got {getattr(cfg, name)!r}")
+    """Raise ConfigError naming the first synth setting that cannot make a dataset: the
+    config's own checks, then the task colours (this module's palette)."""
+    cfg.validate()
+    if not all(t in CUBE_COLORS for t in cfg.tasks):
+        raise ConfigError(f"synth.tasks must be colours of {list(CUBE_COLORS)}, got {cfg.tasks!r}")
 
 
 def plan_failure_modes(cfg: SynthConfig) -> list[str]:

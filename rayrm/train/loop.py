@@ -58,6 +58,29 @@ from rayrm.train.windows import (
 logger = logging.getLogger(__name__)
 
 VOC_EPISODES = 64  # held-out expert episodes whose prefix curves are scored while training
+PLAN_KEY = "plan"  # the WorkerPlan's key in train_loop_config (Ray Train wants a dict there)
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """Everything a rank needs, built once on the driver (``rayrm.train.trainer``), after
+    every check, and handed to each worker inside ``train_loop_config``."""
+
+    train: TrainConfig
+    model: ModelConfig
+    total_steps: int
+    val_every: int  # steps between reports (validation and checkpoint)
+    log_level: str
+    embeddings: str  # the embedding folder (path or URL)
+    manifest: dict[str, Any]  # the embeddings' manifest
+    columns: list[str]  # shard columns read for training
+    rank_episodes: list[list[str]]  # training episodes of each rank
+    val_episodes: list[str]  # held out; rank 0 reads them
+    tasks: list[str]  # distinct prompts, the task table's order
+    task_language: np.ndarray  # float32 [len(tasks), D_lang]
+    run_dir: str
+    stage_prior: list[float] | None  # SARM: stage priors of the annotated training episodes
+    meta: dict[str, Any]  # stored in every checkpoint's JSON
 
 
 @dataclass
@@ -99,7 +122,7 @@ class DeviceEpisodes:
         )
 
 
-def load_episodes(config: dict[str, Any], ids: list[str], what: str) -> tuple[EpisodeBatch, int]:
+def load_episodes(plan: WorkerPlan, ids: list[str], what: str) -> tuple[EpisodeBatch, int]:
     """The episodes ``ids``, read straight from the embedding folder: only their chunks'
     row groups are fetched, so the ranks together read the training set once. Returns them
     sorted by id, and the Parquet bytes read.
@@ -109,14 +132,14 @@ def load_episodes(config: dict[str, Any], ids: list[str], what: str) -> tuple[Ep
     reads its own episodes with the shards' reader instead."""
     if not ids:
         raise RuntimeError(f"worker was assigned no '{what}' episodes")
-    reader = EpisodeReader(config["embeddings"], config["manifest"])
-    where = f"{config['embeddings']} ({what})"
-    batch = episodes_from_table(reader.read(ids, config["columns"]), where=where)
-    layout = FrameLayout.from_manifest(config["manifest"])
+    reader = EpisodeReader(plan.embeddings, plan.manifest)
+    where = f"{plan.embeddings} ({what})"
+    batch = episodes_from_table(reader.read(ids, plan.columns), where=where)
+    layout = FrameLayout.from_manifest(plan.manifest)
     if batch.visual.shape[1] != layout.dim:
         raise ShardError(
             f"{where}: frame vectors of size {batch.visual.shape[1]}, the manifest says "
-            f"{layout.dim} (visual_dim={config['manifest']['visual_dim']}, frame layout "
+            f"{layout.dim} (visual_dim={plan.manifest['visual_dim']}, frame layout "
             f"{layout.to_dict()})"
         )
     return batch, reader.bytes_read
@@ -435,14 +458,13 @@ class Worker:
         )
 
 
-def build_worker(config: dict[str, Any]) -> Worker:
-    cfg: TrainConfig = config["train"]
-    model_cfg: ModelConfig = config["model"]
+def build_worker(plan: WorkerPlan) -> Worker:
+    cfg, model_cfg = plan.train, plan.model
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    tasks = config["tasks"]
-    train_batch, bytes_read = load_episodes(config, config["rank_episodes"][rank], "train")
+    tasks = plan.tasks
+    train_batch, bytes_read = load_episodes(plan, plan.rank_episodes[rank], "train")
     train = DeviceEpisodes.from_batch(train_batch, device, cfg.blind, tasks)
     input_bytes = gather_per_rank(bytes_read, world, rank, device)
     logger.info(
@@ -452,11 +474,11 @@ def build_worker(config: dict[str, Any]) -> Worker:
         int(train_batch.offsets[-1]),
         bytes_read / 1e6,
     )
-    task_language = torch.from_numpy(np.array(config["task_language"])).to(device)
+    task_language = torch.from_numpy(np.array(plan.task_language)).to(device)
     if cfg.blind:
         task_language = torch.zeros_like(task_language)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    layout = FrameLayout.from_manifest(config["manifest"])  # the cameras and state per frame
+    layout = FrameLayout.from_manifest(plan.manifest)  # the cameras and state per frame
     raw_model = RewardTransformer(
         model_cfg,
         train.visual.shape[1],
@@ -466,16 +488,16 @@ def build_worker(config: dict[str, Any]) -> Worker:
     )
     raw_model.set_input_stats(*global_input_stats(train))
     if model_cfg.num_stages > 0:
-        raw_model.set_stage_priors(torch.tensor(config["stage_prior"]))
+        raw_model.set_stage_priors(torch.tensor(plan.stage_prior))
     raw_model.to(device)
     model = ray.train.torch.prepare_model(raw_model, move_to_device=False)
     if cfg.compile:  # the DDP wrapper is compiled, so DDP's bucketing sees the graph
         model = torch.compile(model)
     torch.manual_seed(cfg.seed + 1 + rank)  # dropout differs between ranks
-    optimizer, schedule = optimizer_and_schedule(model, cfg, config["total_steps"])
+    optimizer, schedule = optimizer_and_schedule(model, cfg, plan.total_steps)
     val = val_windows = None
     if rank == 0:
-        val_batch, _ = load_episodes(config, config["val_episodes"], "val")
+        val_batch, _ = load_episodes(plan, plan.val_episodes, "val")
         expert = np.array([s is not False for s in val_batch.success])  # targets assume success
         if model_cfg.num_stages > 0:  # stage targets exist only for annotated episodes
             first = val_batch.offsets[:-1]
@@ -602,24 +624,25 @@ def mean_losses(steps: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     }
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    setup_logging(config.get("log_level", "INFO"))
-    cfg: TrainConfig = config["train"]
+def train_loop_per_worker(config: dict[str, WorkerPlan]) -> None:
+    plan = config[PLAN_KEY]
+    setup_logging(plan.log_level)
+    cfg = plan.train
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
-    worker = build_worker(config)
+    worker = build_worker(plan)
     start = _resume(worker.raw_model, worker.optimizer, worker.schedule)
-    total_steps, val_every = config["total_steps"], config["val_every"]
-    seq_len = config["model"].max_seq_len
-    meta = {"train": to_dict(cfg), **config["meta"], "input_bytes_per_rank": worker.input_bytes}
+    total_steps, val_every = plan.total_steps, plan.val_every
+    seq_len = plan.model.max_seq_len
+    meta = {"train": to_dict(cfg), **plan.meta, "input_bytes_per_rank": worker.input_bytes}
     if start == 0 and worker.rank == 0:  # the untrained model's scores: the baseline to beat
         meta["val_at_start"] = worker.validate()
-    trackers = Trackers(cfg.loggers if worker.rank == 0 else [], config["run_dir"], meta)
+    trackers = Trackers(cfg.loggers if worker.rank == 0 else [], plan.run_dir, meta)
     generator = torch.Generator(device=worker.device)
     generator.manual_seed(cfg.seed * 1000 + worker.rank + 7919 * start)
     losses, tick = [], time.perf_counter()
     for step in range(start + 1, total_steps + 1):
-        _crash_drill(cfg, step, worker.rank, config["run_dir"])
+        _crash_drill(cfg, step, worker.rank, plan.run_dir)
         losses.append(train_step(worker, generator, seq_len))
         if step % val_every == 0 or step == total_steps:
             seconds = time.perf_counter() - tick

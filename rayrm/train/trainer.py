@@ -11,6 +11,7 @@ with the same ``train.output`` and ``train.run_name`` resumes from the latest ch
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -36,7 +37,7 @@ from rayrm.data.shards import (
 from rayrm.errors import UserError
 from rayrm.stages import stage_priors
 from rayrm.train.checkpoint import RESULT_FILE
-from rayrm.train.loop import train_loop_per_worker
+from rayrm.train.loop import PLAN_KEY, WorkerPlan, train_loop_per_worker
 from rayrm.train.tracking import check_trackers
 
 logger = logging.getLogger(__name__)
@@ -203,10 +204,12 @@ def train_columns(cfg: Config) -> list[str]:
     return schema.TRAIN_COLUMNS + (schema.STAGE_COLUMNS if sarm else [])
 
 
-def _stage_split(cfg: Config, manifest: dict, split: EpisodeSplit) -> list[float]:
-    """SARM: keep annotated episodes, and failures (their frames train the success head and
-    the ranking loss, never the stage heads); return the stage priors of the annotated
-    training episodes."""
+def _stage_split(
+    cfg: Config, manifest: dict, split: EpisodeSplit
+) -> tuple[EpisodeSplit, list[float]]:
+    """SARM: the split with only annotated training episodes, and failures (their frames
+    train the success head and the ranking loss, never the stage heads); and the stage
+    priors of the annotated training episodes."""
     k = cfg.model.num_stages
     if manifest.get("num_stages") != k:
         raise ShardError(
@@ -219,17 +222,29 @@ def _stage_split(cfg: Config, manifest: dict, split: EpisodeSplit) -> list[float
     annotated = {e for e, labels in stages.items() if len(labels) == split.frames[e]}
     failed = {e for e, s in zip(ids, table.column("success").to_pylist()) if s is False}
     labelled_train = [e for e in split.train if e in annotated and e not in failed]
-    split.train = [e for e in split.train if e in annotated or e in failed]
-    split.train_frames = sum(split.frames[e] for e in split.train)
     if not labelled_train:
         raise ShardError("no annotated training episode: SARM training needs stage labels")
     if not annotated.intersection(split.val):
         raise ShardError("no annotated held-out episode to validate stage predictions on")
+    train = [e for e in split.train if e in annotated or e in failed]
+    kept = dataclasses.replace(split, train=train, train_frames=sum(split.frames[e] for e in train))
     priors = stage_priors([stages[e] for e in labelled_train], k, cfg.train.stage_prior)
-    return priors.tolist()
+    return kept, priors.tolist()
 
 
-def _check_inputs(cfg: Config) -> tuple[EpisodeReader, EpisodeSplit, list[str], np.ndarray]:
+@dataclass
+class CheckedInputs:
+    """What the driver's checks found: the shards, the split, the task table and (SARM) the
+    stage priors."""
+
+    reader: EpisodeReader
+    split: EpisodeSplit
+    tasks: list[str]
+    task_language: np.ndarray
+    stage_prior: list[float] | None
+
+
+def _check_inputs(cfg: Config) -> CheckedInputs:
     """Everything that can be wrong with the inputs, checked before any worker starts."""
     tcfg = cfg.train
     storage.check_writable(tcfg.output, "train.output")
@@ -237,15 +252,16 @@ def _check_inputs(cfg: Config) -> tuple[EpisodeReader, EpisodeSplit, list[str], 
     columns = pa.schema([pa.field(c, pa.null()) for c in reader.columns()])
     check_columns(columns, train_columns(cfg), tcfg.embeddings)
     split = make_split(cfg, reader.index())
+    stage_prior = None
     if cfg.model.num_stages > 0:
-        reader.manifest["stage_prior"] = _stage_split(cfg, reader.manifest, split)
+        split, stage_prior = _stage_split(cfg, reader.manifest, split)
     tasks, task_language = task_table(reader.index())
     if tcfg.mismatch_prob > 0 and len(tasks) < 2:
         raise UserError("train.mismatch_prob > 0 needs episodes of at least 2 distinct prompts")
     check_trackers(tcfg.loggers)
     _check_resources(cfg, len(split.train))
     _check_dims(reader, split)
-    return reader, split, tasks, task_language
+    return CheckedInputs(reader, split, tasks, task_language, stage_prior)
 
 
 def log_failure_use(
@@ -274,8 +290,8 @@ def log_failure_use(
 
 def run_train(cfg: Config) -> TrainResult:
     tcfg = cfg.train
-    reader, split, tasks, task_language = _check_inputs(cfg)
-    manifest = reader.manifest
+    checked = _check_inputs(cfg)
+    reader, split, manifest = checked.reader, checked.split, checked.reader.manifest
     total_steps, val_every = steps_for(tcfg, split.train_frames)
     storage_path = storage.absolute(tcfg.output)
     run_dir = storage.join(storage_path, tcfg.run_name)
@@ -299,25 +315,26 @@ def run_train(cfg: Config) -> TrainResult:
         "stage_names": manifest.get("stage_names"),
         "split": {"val_ratio": tcfg.val_ratio, "seed": tcfg.seed, "val_episodes": split.val},
     }
+    plan = WorkerPlan(
+        train=tcfg,
+        model=cfg.model,
+        total_steps=total_steps,
+        val_every=val_every,
+        log_level=cfg.log_level,
+        embeddings=reader.path,
+        manifest=manifest,
+        columns=train_columns(cfg),
+        rank_episodes=assign_episodes(split.train, split.frames, tcfg.num_workers),
+        val_episodes=split.val,
+        tasks=checked.tasks,
+        task_language=checked.task_language,
+        run_dir=run_dir,
+        stage_prior=checked.stage_prior,
+        meta=meta,
+    )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "train": tcfg,
-            "model": cfg.model,
-            "total_steps": total_steps,
-            "val_every": val_every,
-            "log_level": cfg.log_level,
-            "embeddings": reader.path,
-            "manifest": manifest,
-            "columns": train_columns(cfg),
-            "rank_episodes": assign_episodes(split.train, split.frames, tcfg.num_workers),
-            "val_episodes": split.val,
-            "tasks": tasks,
-            "task_language": task_language,
-            "run_dir": run_dir,
-            "stage_prior": manifest.get("stage_prior"),
-            "meta": meta,
-        },
+        train_loop_config={PLAN_KEY: plan},
         scaling_config=ScalingConfig(
             num_workers=tcfg.num_workers,
             use_gpu=tcfg.use_gpu,
