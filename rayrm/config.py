@@ -544,7 +544,7 @@ class GvlConfig:
     episode in context, asked for the progress of other episodes' frames (GVL)."""
 
     checkpoint: str | None = None  # local Qwen3-VL model folder (required)
-    input: str | None = None  # HDF5 file in the seed's layout; default embed.input
+    input: str | None = None  # HDF5 file in the raw episode layout; default embed.input
     reference: str | None = None  # episode id of a successful demonstration (required)
     episodes: list[str] = field(default_factory=list)  # episodes asked about; empty = all others
     camera: str = "side_cam"

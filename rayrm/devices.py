@@ -27,7 +27,7 @@ def default_device() -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` = bf16 on a GPU, fp32 elsewhere (CPU bf16 is slow and not what the seed ran)."""
+    """``auto`` = bf16 on a GPU, fp32 elsewhere (CPU bf16 is slow; the reference ran fp32)."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in DTYPES:

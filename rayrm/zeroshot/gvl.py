@@ -1,9 +1,9 @@
-"""In-context progress estimation with Qwen3-VL (GVL style, SEED-SPEC §2) and its answer parser.
+"""In-context progress estimation with Qwen3-VL (GVL, arXiv:2411.04549) and its answer parser.
 
 One message holds: the task; reference frames of one successful demonstration, in order, each
 labelled with its progress ((t+1)/T, rayrm's convention); the numbered target frames of a new
 episode; and the instruction to answer only N comma-separated numbers in [0, 1]. The model
-answers greedily and :func:`parse_progress` reads the answer as the seed did:
+answers greedily and :func:`parse_progress` reads the answer as docs/recipe.md#embedding states:
 
 * ``<think>...</think>`` blocks are removed (and, where the chat template opened the block in
   the prompt, everything before the last ``</think>``; an unfinished block yields nothing);

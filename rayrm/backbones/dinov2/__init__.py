@@ -10,7 +10,7 @@ state dict, or a Hugging Face folder). The package follows torchtitan's model la
 * ``encoder``: the ``dinov2`` backbone registered for embedding (:class:`DinoV2Encoder`,
   :class:`DinoV2Backbone`).
 
-Why our own ViT rather than converting everything to HF's model: the seed's numbers come from
+Why our own ViT rather than converting everything to HF's model: the reference numbers come from
 the original code, whose position-embedding interpolation differs between its model variants
 and from HF's plain ``Dinov2Model`` (see ``POS_INTERPOLATIONS``); a compact model states that
 choice in one place, caches the interpolated table per patch grid instead of recomputing it

@@ -6,7 +6,7 @@ it is (``state_dict_adapter`` maps the other formats onto them). Attention is pl
 (weights are frozen), instead of being recomputed every batch.
 
 ``pos_interpolation``: how the 37x37 pretraining position table is resampled to another patch
-grid - ``antialias`` (default: the seed's reg4 model and HF's ``Dinov2WithRegistersModel``),
+grid - ``antialias`` (default: the original reg4 model and HF's ``Dinov2WithRegistersModel``),
 ``bicubic`` (HF's ``Dinov2Model``) or ``offset`` (the original code's plain models and the
 PyPI reference: scale factor with a +0.1 offset).
 """
