@@ -315,7 +315,7 @@ def test_the_configs_logger_names_are_the_trackers():
 
 def test_every_backbone_dtype_name_resolves():
     torch = pytest.importorskip("torch")
-    from rayrm.backbones.dinov2 import resolve_dtype
+    from rayrm.devices import resolve_dtype
 
     for name in BACKBONE_DTYPES:
         assert isinstance(resolve_dtype(name, torch.device("cpu")), torch.dtype)

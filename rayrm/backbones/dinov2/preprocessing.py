@@ -2,9 +2,9 @@
 
 * ``options.normalize``: ``seed`` (default: x/255, then (x-0.5)/0.5 on every channel) or
   ``imagenet`` (x/255, then ImageNet mean/std);
-* ``options.resolution``: ``native`` (default, docs/recipe.md#embedding: no resize; where 14 does not divide
-  H or W the frame is *center-cropped* to the largest multiple of 14 - at most 13 pixels lost,
-  and no invented border content, which padding would add) or ``resize`` to
+* ``options.resolution``: ``native`` (default, docs/recipe.md#embedding: no resize; where 14 does
+  not divide H or W the frame is *center-cropped* to the largest multiple of 14 - at most 13 pixels
+  lost, and no invented border content, which padding would add) or ``resize`` to
   ``options.image_size`` (an int or [H, W], multiples of 14; bicubic with antialias).
 """
 
