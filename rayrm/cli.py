@@ -14,7 +14,7 @@ import argparse
 import logging
 import sys
 
-from rayrm.backbones import UnknownBackboneError
+from rayrm.backbones import UnknownBackboneError, check_backbone
 from rayrm.config import ConfigError, load_config, resolve_paths
 from rayrm.data.storage import StorageError
 from rayrm.errors import UserError
@@ -35,6 +35,8 @@ COMMANDS = {
     "serve": "online rewards: a checkpoint behind Ray Serve, HTTP on 127.0.0.1 (rayrm.serve)",
     "gvl": "zero-shot progress: Qwen3-VL shown a successful episode in context (GVL)",
 }
+# The commands that run cfg.backbone: its name and options are checked before Ray starts.
+BACKBONE_COMMANDS = {"embed", "evaluate", "score", "pipeline", "demo", "serve"}
 # What the user can fix: the message, exit status 2. Anything else (a ValueError too) is a
 # bug and keeps its traceback. ConfigError, ShardError and InvalidEpisodesError are UserErrors.
 USER_ERRORS = (UserError, UnknownBackboneError, FileNotFoundError, FileExistsError, StorageError)
@@ -52,6 +54,8 @@ def _run(command: str, cfg) -> None:
 
         run_gvl(cfg.gvl)
         return
+    if command in BACKBONE_COMMANDS:
+        check_backbone(cfg.backbone)
     init_ray(cfg.ray)
     if command == "embed":
         from rayrm.embed import run_embed

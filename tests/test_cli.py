@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 
 import h5py
 import pytest
@@ -15,6 +16,8 @@ import pytest
 from rayrm.cli import main
 from rayrm.data import schema
 from rayrm.data.shards import read_episodes
+
+REPO = Path(__file__).resolve().parents[1]
 
 CONFIG = """\
 workdir: {workdir}
@@ -112,3 +115,37 @@ def test_a_user_error_exits_2_and_a_bug_keeps_its_traceback(monkeypatch, error, 
             main(["synth"])
     else:
         assert main(["synth"]) == exits
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        (["--backbone.name", "dinov2", "--backbone.options.normalise", "imagenet"], "normalise"),
+        (["--backbone.name", "dinov2", "--backbone.options.resolution", "squash"], "resolution"),
+        (["--backbone.name", "dinov2", "--backbone.options.pos_interpolation", "x"], "pos_interp"),
+        (["--backbone.name", "dinov2_minilm", "--backbone.options.text", "/m"], "text"),
+        (["--backbone.name", "qwen3_vl", "--backbone.options.pool", "max"], "options.pool"),
+        (["--backbone.options.layers", "2"], "layers"),  # tiny reads no options
+        (["--backbone.name", "nosuch"], "nosuch"),
+    ],
+)
+def test_a_bad_backbone_option_exits_2_before_ray_starts(monkeypatch, caplog, override, named):
+    import rayrm.cli as cli
+
+    def no_ray(_):
+        raise AssertionError("Ray started before the backbone options were checked")
+
+    monkeypatch.setattr(cli, "init_ray", no_ray)
+    with caplog.at_level(logging.ERROR, logger="rayrm"):
+        assert main(["embed", *override]) == 2
+    assert named in caplog.text
+
+
+@pytest.mark.parametrize(
+    "name", ["cluster_1gpu", "cluster_8gpu", "cluster_64gpu", "dinov2_minilm", "qwen3_vl"]
+)
+def test_the_shipped_configs_backbone_options_pass_the_check(name):
+    from rayrm.backbones import check_backbone
+    from rayrm.config import load_config
+
+    check_backbone(load_config(f"{REPO}/configs/{name}.yaml").backbone)

@@ -11,6 +11,7 @@ from rayrm.backbones.base import (
     UnknownBackboneError,
     available_backbones,
     build_backbone,
+    check_backbone,
     register_backbone,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "UnknownBackboneError",
     "available_backbones",
     "build_backbone",
+    "check_backbone",
     "register_backbone",
 ]

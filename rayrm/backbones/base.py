@@ -14,6 +14,7 @@ import torch
 
 from rayrm.config import BackboneConfig
 from rayrm.devices import default_device
+from rayrm.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,10 @@ _REGISTRY: dict[str, type[Backbone]] = {}
 class UnknownBackboneError(KeyError):
     def __str__(self) -> str:  # KeyError would quote the whole message
         return str(self.args[0])
+
+
+class UnknownBackboneOptionError(UserError):
+    pass
 
 
 class Backbone(abc.ABC):
@@ -53,6 +58,23 @@ class Backbone(abc.ABC):
     # (a large part of a GPU actor's start-up; bench/RESULTS.md). Not for VLMs (billions of
     # parameters).
     prompts_on_cpu: bool = False
+    # The ``backbone.options`` keys this backbone reads; None = not declared (any key passes,
+    # e.g. a plugin's). Declared names let a misspelt option fail before any actor starts.
+    option_names: frozenset[str] | None = None
+
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        """Refuse option names the backbone does not read; subclasses add value checks
+        that need no weights. Runs on the driver before Ray starts (:func:`check_backbone`)."""
+        if cls.option_names is None:
+            return
+        unknown = sorted(set(options) - cls.option_names)
+        if unknown:
+            known = ", ".join(sorted(cls.option_names)) or "none"
+            raise UnknownBackboneOptionError(
+                f"backbone.options: {', '.join(unknown)} not read by this backbone "
+                f"(it reads: {known})"
+            )
 
     def __init__(self, cfg: BackboneConfig, device: torch.device | None = None):
         self.cfg = cfg
@@ -151,6 +173,12 @@ def backbone_class(name: str) -> type[Backbone]:
             "(or give package.module:ClassName)"
         )
     return _REGISTRY[name]
+
+
+def check_backbone(cfg: BackboneConfig) -> None:
+    """The backbone exists and takes ``cfg.options``: checked when a command's config is
+    built, not on an actor after its retries. Imports the backbone's module, loads no weights."""
+    backbone_class(cfg.name).check_options(cfg.options)
 
 
 def build_backbone(cfg: BackboneConfig, device: torch.device | None = None) -> Backbone:

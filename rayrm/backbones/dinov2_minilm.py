@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from rayrm.backbones.base import Backbone, register_backbone
-from rayrm.backbones.dinov2 import DinoV2Encoder
+from rayrm.backbones.dinov2.encoder import ENCODER_OPTIONS, DinoV2Encoder, check_encoder_options
 from rayrm.backbones.minilm import MiniLMEncoder
 from rayrm.config import BackboneConfig
 
@@ -28,6 +28,12 @@ from rayrm.config import BackboneConfig
 class DinoV2MiniLMBackbone(Backbone):
     thread_safe = True  # frames go through the thread-safe DinoV2Encoder only
     prompts_on_cpu = True
+    option_names = ENCODER_OPTIONS | {"text_model"}
+
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        super().check_options(options)
+        check_encoder_options(options)
 
     def __init__(self, cfg: BackboneConfig, device: torch.device | None = None):
         super().__init__(cfg, device)

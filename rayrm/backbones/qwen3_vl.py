@@ -222,6 +222,12 @@ class Qwen3VLOptions:
 @register_backbone("qwen3_vl")
 class Qwen3VLBackbone(Backbone):
     language_dim = 0
+    option_names = frozenset({"pool", "attn", "min_pixels", "max_pixels"})
+
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        super().check_options(options)
+        Qwen3VLOptions.from_dict(options)
 
     def __init__(self, cfg: BackboneConfig, device: torch.device | None = None):
         super().__init__(cfg, device)

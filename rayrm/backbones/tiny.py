@@ -42,6 +42,7 @@ def _image_encoder(visual_dim: int) -> nn.Module:
 class TinyBackbone(Backbone):
     thread_safe = True
     prompts_on_cpu = True
+    option_names = frozenset()
 
     def __init__(self, cfg: BackboneConfig, device: torch.device | None = None):
         super().__init__(cfg, device)

@@ -18,10 +18,29 @@ import numpy as np
 import torch
 
 from rayrm.backbones.base import Backbone, register_backbone
+from rayrm.backbones.dinov2.model import POS_INTERPOLATIONS
 from rayrm.backbones.dinov2.preprocessing import Preprocess
 from rayrm.backbones.dinov2.state_dict_adapter import load_dinov2
 from rayrm.config import BackboneConfig
 from rayrm.devices import resolve_dtype
+from rayrm.errors import UserError
+
+# backbone.options the encoder reads (preprocessing's included).
+ENCODER_OPTIONS = frozenset(
+    {"num_heads", "pos_interpolation", "compile", "normalize", "resolution", "image_size"}
+)
+
+
+def check_encoder_options(options: dict) -> None:
+    """The preprocessing options' values, without weights (``check_options``)."""
+    # The patch size is the checkpoint's: image_size's multiple is checked once it loads.
+    Preprocess.from_options(options, patch_size=1)
+    interpolation = options.get("pos_interpolation", "antialias")
+    if interpolation not in POS_INTERPOLATIONS:
+        raise UserError(
+            f"backbone.options.pos_interpolation must be one of {POS_INTERPOLATIONS}, "
+            f"got {interpolation!r}"
+        )
 
 
 class DinoV2Encoder:
@@ -126,6 +145,12 @@ class DinoV2Backbone(Backbone):
     language_dim = 0
     thread_safe = True
     prompts_on_cpu = True
+    option_names = ENCODER_OPTIONS
+
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        super().check_options(options)
+        check_encoder_options(options)
 
     def __init__(self, cfg: BackboneConfig, device: torch.device | None = None):
         super().__init__(cfg, device)
