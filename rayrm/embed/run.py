@@ -41,8 +41,8 @@ from rayrm.embed.ledger import (
     run_dir,
 )
 from rayrm.embed.pipeline import chunk_dataset
-from rayrm.embed.progress import Progress
 from rayrm.embed.prompts import BackboneFacts
+from rayrm.throughput import ThroughputLog
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def _resume(run: RunFolder, episodes: list[EpisodeInfo], overwrite: bool) -> Chu
 
 
 def _embed_episodes(
-    cfg: Config, run: RunFolder, todo: list[EpisodeInfo], ledger: ChunkLedger, facts, progress
+    cfg: Config, run: RunFolder, todo: list[EpisodeInfo], ledger: ChunkLedger, facts, throughput
 ) -> int:
     """Stream ``todo`` through the pipeline; the bytes of chunk records the driver took in."""
     dataset = chunk_dataset(cfg, todo, storage.absolute(cfg.embed.output), run.run_id)
@@ -207,7 +207,7 @@ def _embed_episodes(
         facts.start()  # no-op after the first batch
         received += records.nbytes
         frames, completed = ledger.add(records)
-        progress.update(frames, completed)
+        throughput.update(frames, completed)
     return received
 
 
@@ -330,9 +330,9 @@ def run_embed(cfg: Config) -> EmbedResult:
     try:
         ledger = _resume(run, episodes, ecfg.overwrite)
         todo = [e for e in episodes if e.episode_id not in ledger.tiles]
-        progress = Progress(todo, len(episodes) - len(todo), ecfg.progress_every_s)
-        received = _embed_episodes(cfg, run, todo, ledger, facts, progress) if todo else 0
-        progress.log()
+        throughput = ThroughputLog(todo, len(episodes) - len(todo), ecfg.progress_every_s)
+        received = _embed_episodes(cfg, run, todo, ledger, facts, throughput) if todo else 0
+        throughput.log()
         failures += list(ledger.problems.values())
         failures += _diagnose(ledger.incomplete(todo), ecfg)
         for problem in ledger.problems.values():
@@ -353,8 +353,8 @@ def run_embed(cfg: Config) -> EmbedResult:
         num_episodes=len(written),
         num_frames=sum(e.num_frames for e in written),
         seconds=time.perf_counter() - start,
-        embedded_frames=progress.frames,
-        startup_seconds=(progress.first or progress.start) - start,
+        embedded_frames=throughput.frames,
+        startup_seconds=(throughput.first or throughput.start) - start,
         num_failed=failed_episodes(failures),
         driver_bytes=received,
     )
