@@ -17,7 +17,7 @@ the same settings scores only the episodes no part holds.
 The values: ``progress_sparse`` is the causal reward ``RewardScorer`` gives frame by frame,
 ``prefix`` the prefix curve ``rayrm evaluate`` reports (both from evaluation's
 ``ModelCurves``), ``stage`` / ``subtask_progress`` SARM's heads. Raw input is embedded from
-every camera (and the state) the checkpoint fuses (``rayrm.evaluate.run.raw_sources``); a
+every camera (and the state) the checkpoint fuses (``rayrm.evaluate.inputs.raw_sources``); a
 LeRobot episode is scored as one episode whatever its cameras (``embed.camera_as_episode``
 ids, ``episode_000007:<key>``, have no place in LeRobot's index and are refused).
 """
@@ -107,7 +107,7 @@ def _settings(cfg: Config, checkpoint: str) -> dict[str, Any]:
 
 def _episodes(cfg: Config, checkpoint_config: dict) -> tuple[list[str], list[int], list | None]:
     """(ids, frame counts, raw episodes or None) of every episode to score."""
-    from rayrm.evaluate.run import scan_raw_episodes
+    from rayrm.evaluate.inputs import scan_raw_episodes
 
     if cfg.score.input:
         raw = scan_raw_episodes(cfg, checkpoint_config, None)
@@ -137,7 +137,7 @@ class _Todo:
 def _episode_rows(cfg: Config, checkpoint_config: dict, ids: list[str], raw: list | None):
     """The episodes ``ids`` as whole episode rows (evaluation's readers), and the GPUs the
     embedding actors of raw input take."""
-    from rayrm.evaluate.run import raw_episode_dataset, shard_episode_dataset
+    from rayrm.evaluate.inputs import raw_episode_dataset, shard_episode_dataset
 
     if raw is None:
         return shard_episode_dataset(cfg.score.embeddings, ids), 0.0
