@@ -45,8 +45,8 @@ from rayrm.config import (
 )
 from rayrm.data.lerobot import decode_episode, scan_lerobot
 from rayrm.data.lerobot_writer import LeRobotEpisode, write_lerobot_dataset
-from rayrm.evaluate.run import score_episodes
 from rayrm.evaluate.scorer import RewardScorer
+from rayrm.evaluate.scoring import score_episodes
 from rayrm.score.run import run_score
 from rayrm.train.checkpoint import save_checkpoint
 from rayrm.train.model import RewardTransformer
@@ -126,7 +126,7 @@ def bench_score(cfg: Config, checkpoint: str) -> tuple[int, float]:
 def bench_evaluate(cfg: Config, checkpoint: str) -> tuple[int, float]:
     evaluate = dataclasses.replace(cfg.evaluate, input=cfg.score.input, split="all", rewind=False)
     start = time.perf_counter()
-    rows = score_episodes(dataclasses.replace(cfg, evaluate=evaluate), checkpoint, None)
+    (rows,) = score_episodes(dataclasses.replace(cfg, evaluate=evaluate), [checkpoint], None)
     seconds = time.perf_counter() - start
     return sum(rows["num_frames"]), seconds
 

@@ -165,7 +165,7 @@ def run_demo(cfg: Config) -> dict[str, Any]:
 
 
 def log_summary(summary: dict[str, Any], path: str) -> None:
-    from rayrm.evaluate.run import metrics_lines
+    from rayrm.evaluate.report import metrics_lines
 
     curves = summary["model"]["curves"], summary["blind_control"]["curves"]
     success_only = (summary.get("success_only_control") or {}).get("curves")

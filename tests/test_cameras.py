@@ -28,8 +28,9 @@ from rayrm.data.lerobot import LeRobotDatasetError
 from rayrm.data.shards import read_manifest
 from rayrm.data.sources import scan_raw_input
 from rayrm.embed import run_embed
-from rayrm.evaluate.run import run_evaluate, score_episodes
+from rayrm.evaluate.run import run_evaluate
 from rayrm.evaluate.scorer import RewardScorer
+from rayrm.evaluate.scoring import score_episodes
 from rayrm.serve.errors import BadRequestError
 from rayrm.serve.streams import StreamTable
 from rayrm.testing import SMALL_MODEL
@@ -153,9 +154,9 @@ def test_lerobot_raw_scoring_decodes_every_camera_of_the_checkpoint(ray_session,
     model = make_checkpoint(cfg, tmp_path / "ckpt")
     assert read_checkpoint_config(model)["view_dims"] == [cfg.backbone.visual_dim] * 2
     ids = ["episode_000001", "episode_000004"]
-    from_shards = score_episodes(cfg, model, ids)
+    (from_shards,) = score_episodes(cfg, [model], ids)
     raw = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, input=root))
-    from_video = score_episodes(raw, model, ids)
+    (from_video,) = score_episodes(raw, [model], ids)
     assert from_video["episode_id"] == from_shards["episode_id"]
     for a, b in zip(from_video["prefix"], from_shards["prefix"]):
         np.testing.assert_allclose(a, b, atol=1e-4)
@@ -196,7 +197,7 @@ def test_embed_train_evaluate_with_two_cameras_and_the_pose(cams_run, tmp_path):
     raw = dataclasses.replace(
         cfg, evaluate=dataclasses.replace(cfg.evaluate, input=cfg.embed.input)
     )
-    rows = score_episodes(raw, trained.best_checkpoint, ids)
+    (rows,) = score_episodes(raw, [trained.best_checkpoint], ids)
     assert rows["episode_id"] == evaluated.rows["episode_id"]  # episodes and rewound copies
     for a, b in zip(rows["prefix"], evaluated.rows["prefix"]):
         np.testing.assert_allclose(a, b, atol=1e-4)

@@ -270,8 +270,8 @@ def test_gpu_run_embeds_dinov2_style_prompts_on_a_cpu_without_waiting(tiny_run):
     assert build_backbone(tiny_run.backbone).prompts_on_cpu
     cfg = with_embed(tiny_run, num_gpus_per_actor=1.0)
     episodes, _ = scan_episodes([tiny_run.embed.input], cfg.embed.camera)
-    facts = call_within(30, embed_prompts.BackboneFacts, cfg, episodes)
-    vectors, visual_dim, language_dim = call_within(60, facts.get)
+    task = call_within(30, embed_prompts.PromptVectorsTask, cfg, episodes)
+    vectors, visual_dim, language_dim = call_within(60, task.get)
     backbone = build_backbone(tiny_run.backbone)
     assert (visual_dim, language_dim) == (backbone.visual_dim, backbone.language_dim)
     prompts = sorted({e.prompt for e in episodes})

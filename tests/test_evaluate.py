@@ -19,8 +19,9 @@ from rayrm.backbones import build_backbone
 from rayrm.config import AnnotateConfig
 from rayrm.evaluate.curves import CURVE_KINDS, rewind_frames
 from rayrm.evaluate.media import MediaJob, render_episode
-from rayrm.evaluate.run import run_evaluate, score_episodes
+from rayrm.evaluate.run import run_evaluate
 from rayrm.evaluate.scorer import RewardScorer
+from rayrm.evaluate.scoring import score_episodes
 from rayrm.video import count_mp4_frames
 from tests._eval_helpers import STAGE_NAMES, make_checkpoint
 
@@ -210,7 +211,7 @@ def test_raw_hdf5_gives_the_same_curves_as_the_shards(sarm_eval):
     raw = dataclasses.replace(
         cfg, evaluate=dataclasses.replace(cfg.evaluate, input=cfg.synth.output)
     )
-    rows = score_episodes(raw, model, VAL_IDS)
+    (rows,) = score_episodes(raw, [model], VAL_IDS)
     assert rows["episode_id"] == result.rows["episode_id"]
     for a, b in zip(rows["prefix"], result.rows["prefix"]):
         np.testing.assert_allclose(a, b, atol=1e-4)
@@ -241,4 +242,4 @@ def test_backbone_dims_must_match_the_checkpoint(sarm_eval, tmp_path):
         cfg, evaluate=dataclasses.replace(cfg.evaluate, input=cfg.synth.output)
     )
     with pytest.raises(ValueError, match="checkpoint expects"):
-        score_episodes(raw, checkpoint, VAL_IDS[:1])
+        score_episodes(raw, [checkpoint], VAL_IDS[:1])

@@ -21,14 +21,9 @@ from rayrm.config import SynthConfig, load_config
 from rayrm.data import synthetic
 from rayrm.data.shards import episodes_from_table, read_episodes
 from rayrm.evaluate.curves import final_values
-from rayrm.evaluate.report import instruction_metrics
-from rayrm.evaluate.run import (
-    instruction_summary,
-    metrics_lines,
-    run_evaluate,
-    score_episodes,
-    wrong_instructions,
-)
+from rayrm.evaluate.report import instruction_metrics, instruction_summary, metrics_lines
+from rayrm.evaluate.run import run_evaluate
+from rayrm.evaluate.scoring import score_episodes, wrong_instructions
 from rayrm.train.checkpoint import load_model
 from tests._eval_helpers import make_checkpoint
 from tests.conftest import make_config
@@ -159,7 +154,7 @@ def test_one_task_gives_a_note_not_a_number(caplog):
     assert summary["model"] is None and summary["blind"] is None
     assert ">= 2 tasks" in summary["note"] and summary["tasks"] == ["a"]
     assert any(">= 2 tasks" in line for line in metrics_lines({}, None, summary))
-    with caplog.at_level(logging.INFO, logger="rayrm.evaluate.run"):
+    with caplog.at_level(logging.INFO, logger="rayrm.evaluate.scoring"):
         assert wrong_instructions({"a": [1.0, 2.0]}) is None
     assert "needs >= 2 tasks" in caplog.text
 
@@ -255,7 +250,7 @@ def test_raw_input_gives_the_same_wrong_values(multitask_eval):
     raw = dataclasses.replace(
         cfg, evaluate=dataclasses.replace(cfg.evaluate, input=cfg.synth.output, split="all")
     )
-    rows = score_episodes(raw, checkpoint, None)
+    (rows,) = score_episodes(raw, [checkpoint], None)
     assert rows["episode_id"] == result.rows["episode_id"]
     for a, b in zip(rows["final_wrong"], result.rows["final_wrong"]):
         assert (a is None) == (b is None) and (a is None or a == pytest.approx(b, abs=1e-4))

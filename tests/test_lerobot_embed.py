@@ -22,8 +22,8 @@ from rayrm.cli import main
 from rayrm.data import schema
 from rayrm.data.shards import read_manifest
 from rayrm.embed import InvalidEpisodesError, run_embed
-from rayrm.evaluate.run import score_episodes
 from rayrm.evaluate.scorer import RewardScorer
+from rayrm.evaluate.scoring import score_episodes
 
 
 @pytest.fixture(scope="module")
@@ -138,9 +138,9 @@ def test_evaluate_reads_a_lerobot_root_as_raw_input(embedded, dataset, tmp_path)
     cfg, _ = embedded
     model = make_checkpoint(cfg, tmp_path / "ckpt")
     ids = [f"episode_{i:06d}" for i in (1, 4)]
-    from_shards = score_episodes(cfg, model, ids)
+    (from_shards,) = score_episodes(cfg, [model], ids)
     raw = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, input=dataset))
-    from_video = score_episodes(raw, model, ids)
+    (from_video,) = score_episodes(raw, [model], ids)
     assert from_video["episode_id"] == from_shards["episode_id"]
     for a, b in zip(from_video["prefix"], from_shards["prefix"]):
         np.testing.assert_allclose(a, b, atol=1e-4)

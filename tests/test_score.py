@@ -185,13 +185,13 @@ def test_an_existing_output_needs_overwrite(scored):
 def test_the_progress_line_gives_episodes_frames_rate_and_eta(caplog, monkeypatch):
     from types import SimpleNamespace
 
-    from rayrm.embed import progress
+    from rayrm import throughput
 
     clock = iter([100.0, 104.0])  # the start, then the first results: 4 s of start-up
-    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(throughput.time, "perf_counter", lambda: next(clock))
     episodes = [SimpleNamespace(num_frames=20), SimpleNamespace(num_frames=60)]
-    line = progress.Progress(episodes, skipped=1, every_s=0.0, verb="scored")
-    with caplog.at_level("INFO", logger=progress.__name__):
+    line = throughput.ThroughputLog(episodes, skipped=1, every_s=0.0, verb="scored")
+    with caplog.at_level("INFO", logger=throughput.__name__):
         line.update(frames=40, episodes=1)  # all in one batch, as raw input's groupby gives
     # 40 frames in 4 s since the start (not since the first batch: that would be infinite)
     assert "scored 2/3 episodes (1 earlier), 40/80 frames, 10 frames/s, ETA 0m04s" in caplog.text

@@ -31,6 +31,7 @@ import ray
 from rayrm.config import AnnotateConfig
 from rayrm.data import storage
 from rayrm.data.hdf5 import EpisodeInfo, InvalidEpisodesError
+from rayrm.data.schema import safe_name
 from rayrm.data.sources import read_frames, scan_raw_input
 from rayrm.errors import UserError
 from rayrm.video import contact_sheet, numbered_frames, write_mp4, write_png
@@ -39,11 +40,6 @@ logger = logging.getLogger(__name__)
 
 TEMPLATE_NAME = "stages_template.json"
 PROMPT_UNUSED = "-"  # the scans want a prompt; videos don't need one
-
-
-def safe_name(episode_id: str) -> str:
-    """An episode id as a file name (HDF5 names may hold characters a path can't)."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in episode_id)
 
 
 def video_paths(output: str, episode_id: str) -> tuple[str, str]:

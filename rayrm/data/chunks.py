@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rayrm.data import schema, storage
+from rayrm.data.shards import shard_files
 
 logger = logging.getLogger(__name__)
 
@@ -254,9 +255,7 @@ def remove_unreferenced(folder: str, manifest: dict[str, Any]) -> None:
     """Best effort: chunk files, episodes tables and failure lists the manifest does not name
     (an earlier version's, a crashed or retried task's). Other files are left alone."""
     keep = _referenced(manifest)
-    ours = [
-        f"{schema.CHUNKS_DIR}/{n}" for n in storage.listdir(storage.join(folder, schema.CHUNKS_DIR))
-    ]
+    ours = shard_files(folder)
     ours += [
         n
         for n in storage.listdir(folder)

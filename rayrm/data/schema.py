@@ -277,6 +277,12 @@ VISUAL_COLUMN = "visual_embedding"  # the first camera's embeddings
 STATE_COLUMN = "state"  # the robot state per frame, float32 [P], passed through unembedded
 
 
+def safe_name(episode_id: str) -> str:
+    """An episode id as a file name (HDF5 names may hold characters a path can't): the stem
+    of every per-episode file (annotation videos, evaluation figures and videos)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in episode_id)
+
+
 def frame_column(index: int, camera: str) -> str:
     """The pipeline column holding camera ``index``'s frames: ``frame``, ``frame/<camera>``."""
     return FRAME_COLUMN if index == 0 else f"{FRAME_COLUMN}/{camera}"

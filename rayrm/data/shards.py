@@ -193,6 +193,33 @@ def _list_parts(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     return lists.offsets.to_numpy(), lists.values.to_numpy(zero_copy_only=False)
 
 
+def shard_files(folder: str, run_id: str | None = None) -> list[str]:
+    """The chunk files under ``folder`` (relative names, ``chunks/<run>-<unique>.parquet``),
+    sorted; only run ``run_id``'s when given. What is on disk, committed or not: readers go
+    by the manifest's list instead."""
+    where = storage.join(folder, schema.CHUNKS_DIR)
+    prefix = f"{run_id}-" if run_id else ""
+    return sorted(
+        f"{schema.CHUNKS_DIR}/{name}"
+        for name in storage.listdir(where)
+        if name.startswith(prefix) and name.endswith(".parquet")
+    )
+
+
+def task_vectors(index: pa.Table, ids: list[str] | None = None) -> dict[str, list[float]]:
+    """prompt -> language vector of each task in an episodes table (of the episodes ``ids``
+    only, when given), taken from its first episode: the vector depends on the prompt alone."""
+    if ids is not None:
+        keep = pc.is_in(index.column("episode_id"), value_set=pa.array(ids, pa.string()))
+        index = index.filter(keep)
+    found: dict[str, list[float]] = {}
+    prompts = index.column("prompt").to_pylist()
+    vectors = index.column("language_embedding").to_pylist()
+    for prompt, vector in zip(prompts, vectors):
+        found.setdefault(prompt, vector)
+    return found
+
+
 def read_episode_index(path: str) -> pa.Table:
     """The small per-episode columns of every episode (no embeddings), sorted by id."""
     columns = ["episode_id", "num_frames", "prompt", "success", "stage_boundaries"]

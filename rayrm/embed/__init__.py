@@ -63,18 +63,22 @@ the same command after a crash resumes.
 
 from rayrm.data.hdf5 import InvalidEpisodesError
 from rayrm.embed.actor import FrameEmbedder
+from rayrm.embed.episodes import episode_rows_dataset
 from rayrm.embed.ledger import ResumeError, run_dir
 from rayrm.embed.pipeline import build_dataset
-from rayrm.embed.prompts import describe_backbone
+from rayrm.embed.prompts import PromptVectors, PromptVectorsTask, prompt_vectors
 from rayrm.embed.run import EmbedResult, failed_episodes, run_embed
 
 __all__ = [
     "EmbedResult",
     "FrameEmbedder",
     "InvalidEpisodesError",
+    "PromptVectors",
+    "PromptVectorsTask",
     "ResumeError",
     "build_dataset",
-    "describe_backbone",
+    "episode_rows_dataset",
+    "prompt_vectors",
     "failed_episodes",
     "run_dir",
     "run_embed",

@@ -41,6 +41,7 @@ from rayrm.config import settings_diff
 from rayrm.data import schema, storage
 from rayrm.data.chunks import CHUNK_RECORD_SCHEMA, ChunkLocation, chunk_records, tile_chunks
 from rayrm.data.hdf5 import EpisodeInfo, EpisodeProblem
+from rayrm.data.shards import shard_files
 from rayrm.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -119,13 +120,7 @@ class RunFolder:
 
     def chunk_files(self, run_id: str | None = None) -> list[str]:
         """This run's chunk files (relative names), each one a whole commit."""
-        prefix = f"{run_id or self.run_id}-"
-        names = storage.listdir(storage.join(self.output, schema.CHUNKS_DIR))
-        return [
-            f"{schema.CHUNKS_DIR}/{n}"
-            for n in names
-            if n.startswith(prefix) and n.endswith(".parquet")
-        ]
+        return shard_files(self.output, run_id or self.run_id)
 
     def committed(self) -> pa.Table:
         """The records of every chunk this run committed before (read back in Ray tasks when

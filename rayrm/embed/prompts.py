@@ -4,6 +4,7 @@ driver)."""
 from __future__ import annotations
 
 import threading
+from typing import NamedTuple
 
 import numpy as np
 import ray
@@ -15,28 +16,39 @@ from rayrm.config import BackboneConfig, Config
 from rayrm.data.hdf5 import EpisodeInfo
 
 
-def describe_backbone(
+class PromptVectors(NamedTuple):
+    """Each prompt's language vector, and the backbone's dims (for the manifest, and for
+    checking a checkpoint against the backbone that embeds its input)."""
+
+    vectors: dict[str, np.ndarray]
+    visual_dim: int
+    language_dim: int
+
+
+def prompt_vectors(
     backbone_cfg: BackboneConfig, prompts: list[str], on_cpu: bool = False
-) -> tuple[dict[str, np.ndarray], int, int]:
-    """Prompt vectors and the backbone's (visual_dim, language_dim), from one model load.
+) -> PromptVectors:
+    """Prompt vectors and the backbone's dims, from one model load.
 
     Runs inside a Ray task so a GPU backbone never loads on the driver; the dims go into the
     manifest without reading the written shards back. ``on_cpu`` builds the backbone on the CPU
     whatever the task's node has (``Backbone.prompts_on_cpu``)."""
     backbone = build_backbone(backbone_cfg, torch.device("cpu") if on_cpu else None)
+    dims = int(backbone.visual_dim), int(backbone.language_dim)
     if not prompts:  # every episode failed the checks: only the dims are needed
-        return {}, int(backbone.visual_dim), int(backbone.language_dim)
+        return PromptVectors({}, *dims)
     vectors = np.asarray(backbone.embed_prompts(prompts), dtype=np.float32)
     if vectors.shape != (len(prompts), backbone.language_dim):
         raise RuntimeError(
             f"backbone '{backbone_cfg.name}' returned prompt embeddings of shape "
             f"{vectors.shape}, expected {(len(prompts), backbone.language_dim)}"
         )
-    return dict(zip(prompts, vectors)), int(backbone.visual_dim), int(backbone.language_dim)
+    return PromptVectors(dict(zip(prompts, vectors)), *dims)
 
 
-class BackboneFacts:
-    """:func:`describe_backbone`'s result (prompt vectors, dims) from one Ray task.
+class PromptVectorsTask:
+    """The one Ray task that makes :class:`PromptVectors` for ``cfg.backbone`` and the
+    episodes' prompts; ``rayrm embed`` and evaluation's on-the-fly embedding both use it.
 
     =========================================  ==========================================
     actors                                     the task
@@ -59,7 +71,7 @@ class BackboneFacts:
         ecfg = cfg.embed
         gpu_actors = ecfg.num_gpus_per_actor > 0
         on_cpu = gpu_actors and backbone_class(cfg.backbone.name).prompts_on_cpu
-        self.task = ray.remote(describe_backbone).options(
+        self.task = ray.remote(prompt_vectors).options(
             num_gpus=0 if on_cpu else ecfg.num_gpus_per_actor,
             num_cpus=ecfg.num_cpus_per_actor,
         )
@@ -76,7 +88,6 @@ class BackboneFacts:
             if self.ref is None:
                 self.ref = self.task.remote(*self.args)
 
-    def get(self) -> tuple[dict[str, np.ndarray], int, int]:
-        """(prompt -> vector, visual_dim, language_dim)."""
+    def get(self) -> PromptVectors:
         self.start()
         return ray.get(self.ref)

@@ -41,8 +41,8 @@ from rayrm.embed.ledger import (
     run_dir,
 )
 from rayrm.embed.pipeline import chunk_dataset
-from rayrm.embed.progress import Progress
-from rayrm.embed.prompts import BackboneFacts
+from rayrm.embed.prompts import PromptVectorsTask
+from rayrm.throughput import ThroughputLog
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +194,12 @@ def _resume(run: RunFolder, episodes: list[EpisodeInfo], overwrite: bool) -> Chu
 
 
 def _embed_episodes(
-    cfg: Config, run: RunFolder, todo: list[EpisodeInfo], ledger: ChunkLedger, facts, progress
+    cfg: Config,
+    run: RunFolder,
+    todo: list[EpisodeInfo],
+    ledger: ChunkLedger,
+    prompt_task,
+    throughput,
 ) -> int:
     """Stream ``todo`` through the pipeline; the bytes of chunk records the driver took in."""
     dataset = chunk_dataset(cfg, todo, storage.absolute(cfg.embed.output), run.run_id)
@@ -204,10 +209,10 @@ def _embed_episodes(
     for records in dataset.iter_batches(
         batch_size=None, batch_format="pyarrow", prefetch_batches=1
     ):
-        facts.start()  # no-op after the first batch
+        prompt_task.start()  # no-op after the first batch
         received += records.nbytes
         frames, completed = ledger.add(records)
-        progress.update(frames, completed)
+        throughput.update(frames, completed)
     return received
 
 
@@ -261,14 +266,14 @@ def _publish(
     written: list[EpisodeInfo],
     ledger: ChunkLedger,
     failures: list[EpisodeProblem],
-    facts: BackboneFacts,
+    prompt_task: PromptVectorsTask,
 ) -> None:
     """Episodes table and failures table under new names, then the manifest: the commit."""
     output = storage.absolute(cfg.embed.output)
     missing = [e.episode_id for e in written if e.episode_id not in ledger.tiles]
     if missing:  # the exactly-once check: every episode that did not fail, tiled once
         raise RuntimeError(f"{len(missing)} episode(s) not fully written, e.g. {missing[:5]}")
-    language, visual_dim, language_dim = facts.get()
+    language, visual_dim, language_dim = prompt_task.get()
     episodes_name = episodes_file_name(run.run_id)
     table = episode_index_table(written, language, ledger.tiles)
     storage.write_parquet(table, storage.join(output, episodes_name))
@@ -325,14 +330,14 @@ def run_embed(cfg: Config) -> EmbedResult:
     output = storage.absolute(ecfg.output)
     _check_output(output, ecfg.overwrite)
     episodes, failures = _scan(ecfg, cfg.backbone.name)
-    facts = BackboneFacts(cfg, episodes)
+    prompt_task = PromptVectorsTask(cfg, episodes)
     run = RunFolder(output).open(_settings(cfg), ecfg.overwrite)
     try:
         ledger = _resume(run, episodes, ecfg.overwrite)
         todo = [e for e in episodes if e.episode_id not in ledger.tiles]
-        progress = Progress(todo, len(episodes) - len(todo), ecfg.progress_every_s)
-        received = _embed_episodes(cfg, run, todo, ledger, facts, progress) if todo else 0
-        progress.log()
+        throughput = ThroughputLog(todo, len(episodes) - len(todo), ecfg.progress_every_s)
+        received = _embed_episodes(cfg, run, todo, ledger, prompt_task, throughput) if todo else 0
+        throughput.log()
         failures += list(ledger.problems.values())
         failures += _diagnose(ledger.incomplete(todo), ecfg)
         for problem in ledger.problems.values():
@@ -341,7 +346,7 @@ def run_embed(cfg: Config) -> EmbedResult:
         _check_failures(failures, ecfg, run)
         failed = {(p.file, p.episode) for p in failures}
         written = [e for e in episodes if (e.source_file, e.episode_id) not in failed]
-        _publish(cfg, run, written, ledger, failures, facts)
+        _publish(cfg, run, written, ledger, failures, prompt_task)
     except BaseException:
         with contextlib.suppress(OSError):  # the storage may be what failed
             if not run.has_progress():
@@ -353,8 +358,8 @@ def run_embed(cfg: Config) -> EmbedResult:
         num_episodes=len(written),
         num_frames=sum(e.num_frames for e in written),
         seconds=time.perf_counter() - start,
-        embedded_frames=progress.frames,
-        startup_seconds=(progress.first or progress.start) - start,
+        embedded_frames=throughput.frames,
+        startup_seconds=(throughput.first or throughput.start) - start,
         num_failed=failed_episodes(failures),
         driver_bytes=received,
     )

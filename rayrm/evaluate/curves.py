@@ -214,7 +214,7 @@ class ModelCurves:
                     stages[i][t] = self.scorer.last_stage[n]
         return list(zip(progress, stages))
 
-    def _row(
+    def _curve_row(
         self, batch: EpisodeBatch, sources: list[str], episode: Episode, prefix: dict, causal
     ) -> dict:
         i, order = episode.source, episode.frame_index
@@ -269,7 +269,7 @@ class ModelCurves:
         episodes = self._episodes(batch)
         causal = self._causal(batch, episodes)
         rows = [
-            self._row(batch, sources, e, self._prefix(batch, e), c)
+            self._curve_row(batch, sources, e, self._prefix(batch, e), c)
             for e, c in zip(episodes, causal)
         ]
         columns = {name: [r[name] for r in rows] for name in CURVE_SCHEMA.names}

@@ -63,7 +63,7 @@ def _data_uri(path: str, mime: str) -> str:
         return f"data:{mime};base64,{base64.b64encode(f.read()).decode()}"
 
 
-def _fmt(value: Any) -> str:
+def _html_value(value: Any) -> str:
     value = json_safe(value)
     if value is None:
         return "–"
@@ -84,9 +84,9 @@ def metrics_table(model: dict[str, dict], blind: dict[str, dict] | None) -> str:
     for name in names:
         cells = []
         for kind in CURVE_KINDS:
-            cells.append(f"<td>{_fmt(model[kind].get(name))}</td>")
+            cells.append(f"<td>{_html_value(model[kind].get(name))}</td>")
             if blind:
-                cells.append(f"<td class='blind'>{_fmt(blind[kind].get(name))}</td>")
+                cells.append(f"<td class='blind'>{_html_value(blind[kind].get(name))}</td>")
         rows.append(f"<tr><td class='name'>{html.escape(name)}</td>{''.join(cells)}</tr>")
     return f"<table class='metrics'><tr><th>metric</th>{head}</tr>{''.join(rows)}</table>"
 
@@ -99,7 +99,7 @@ def failure_table(columns: dict[str, dict] | None) -> str:
     head = "".join(f"<th>{html.escape(name)}</th>" for name in columns)
     rows = []
     for label, key in failure_table_rows(columns["failure-aware"]):
-        cells = "".join(f"<td>{_fmt(c.get(key))}</td>" for c in columns.values())
+        cells = "".join(f"<td>{_html_value(c.get(key))}</td>" for c in columns.values())
         rows.append(f"<tr><td class='name'>{html.escape(label)}</td>{cells}</tr>")
     flagged = columns["failure-aware"].get("hacking_episodes") or []
     listed = html.escape(", ".join(flagged[:50])) or "none"
@@ -125,10 +125,10 @@ def instruction_table(instruction: dict | None) -> str:
     for row in instruction["model"]:
         cells = [f"<td class='name'>{html.escape(row['task'])}</td>"]
         cells += [f"<td class='name'>{row['outcome']}</td><td>{row['num_episodes']}</td>"]
-        cells += [f"<td>{_fmt(row[f])}</td>" for f in fields]
+        cells += [f"<td>{_html_value(row[f])}</td>" for f in fields]
         if blind:
             other = blind.get((row["task"], row["outcome"]), {})
-            cells += [f"<td class='blind'>{_fmt(other.get(f))}</td>" for f in fields]
+            cells += [f"<td class='blind'>{_html_value(other.get(f))}</td>" for f in fields]
         rows.append(f"<tr>{''.join(cells)}</tr>")
     note = html.escape(f"wrong instruction: {instruction['wrong_instruction']}")
     return (
@@ -175,7 +175,9 @@ def write_report(
     report_dir = os.path.dirname(os.path.abspath(path))
     video_bytes = sum(os.path.getsize(c["video"]) for c in cards if c.get("video"))
     embed = video_bytes <= embed_videos_mb * 1e6
-    facts_html = "".join(f"<li><b>{html.escape(k)}</b>: {_fmt(v)}</li>" for k, v in facts.items())
+    facts_html = "".join(
+        f"<li><b>{html.escape(k)}</b>: {_html_value(v)}</li>" for k, v in facts.items()
+    )
     notes = "".join(f"<li>{n}</li>" for n in NOTES)
     summary = _data_uri(summary_png, "image/png")
     body = f"""

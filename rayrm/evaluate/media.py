@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import ray
 
-from rayrm.annotate.videos import safe_name
 from rayrm.data import storage
 from rayrm.data.hdf5 import open_hdf5
+from rayrm.data.schema import safe_name
 
 logger = logging.getLogger(__name__)
 

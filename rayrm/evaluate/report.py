@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from typing import Any
 
@@ -54,6 +55,8 @@ import numpy as np
 
 from rayrm import metrics
 from rayrm.evaluate.curves import CURVE_KINDS
+
+logger = logging.getLogger(__name__)
 
 
 def rows_of_kind(rows: dict[str, list], kind: str) -> list[int]:
@@ -320,3 +323,122 @@ def write_csv(path: str, tables: dict[str, dict[str, dict]]) -> None:
                     writer.writerow(
                         [model, kind, metric, "" if value is None else json_safe(value)]
                     )
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def instruction_summary(rows: dict, blind_rows: dict | None) -> dict[str, Any]:
+    """``metrics.json["instruction"]``: the per-task true vs wrong instruction tables of the
+    model and the blind control, or null tables and a note when there is only one task."""
+    tasks = sorted({rows["prompt"][i] for i in rows_of_kind(rows, "episode")})
+    model = instruction_metrics(rows)
+    note = None
+    if model is None and len(tasks) < 2:
+        note = f"the wrong-instruction check needs >= 2 tasks; the episodes hold {len(tasks)}"
+    elif model is None:
+        note = "the wrong-instruction check was not made: the embeddings hold no language vector"
+    return {
+        "tasks": tasks,
+        "wrong_instruction": "mean final value over the other tasks' instructions",
+        "note": note,
+        "model": model,
+        "blind": instruction_metrics(blind_rows) if blind_rows else None,
+    }
+
+
+def csv_tables(found: dict[str, dict], instruction: dict) -> dict:
+    """metrics.csv: every curve metric of the model and each control, plus the instruction
+    table as prefix-curve rows."""
+    out = {}
+    for name, kinds in found.items():
+        prefix = {**kinds["prefix"], **instruction_csv(instruction.get(name))}
+        out[name] = {**kinds, "prefix": prefix}
+    return out
+
+
+def failure_columns(found: dict[str, dict]) -> dict[str, dict]:
+    """The per-failure-mode comparison's columns, prefix curves: blind, success-only, model."""
+    names = {"blind": "blind", "success_only": "success-only", "model": "failure-aware"}
+    return {names[n]: found[n]["prefix"] for n in ("blind", "success_only", "model") if n in found}
+
+
+KEY_METRICS = [
+    ("VOC, expert episodes", "voc_expert"),
+    ("AUROC success vs failure (final value)", "auroc_success_vs_failure"),
+    ("MSE to (t+1)/T, expert episodes", "mse_expert"),
+    ("stage accuracy (SARM)", "stage_accuracy"),
+    ("ranking pairs success>partial>failure", "rank_final_pair_accuracy"),
+    ("rewound: VOC after the turnaround", "rewind_voc_after_turn"),
+    ("rewound: share that falls", "rewind_fall_rate"),
+]
+
+
+def metrics_lines(
+    model: dict,
+    blind: dict | None,
+    instruction: dict | None = None,
+    success_only: dict | None = None,
+) -> list[str]:
+    """Key metrics per curve kind, the model beside its controls; then, when a success-only
+    control or a success head is there, the per-failure-mode comparison (prefix curves)."""
+    lines = [f"{'':42s} {'model':>8s} {'blind':>8s}"]
+    for kind in model:
+        lines.append(f"-- {kind} curves")
+        modes = [k for k in model[kind] if k.startswith("auroc_vs_")]
+        labels = [(f"  AUROC vs {k.removeprefix('auroc_vs_')} failures", k) for k in modes]
+        for label, key in [*KEY_METRICS[:2], *labels, *KEY_METRICS[2:]]:
+            if key not in model[kind]:
+                continue
+            b = blind[kind].get(key) if blind else None
+            lines.append(f"{label:42s} {_text_value(model[kind][key]):>8s} {_text_value(b):>8s}")
+    if model and ("success_auroc" in model["prefix"] or success_only):
+        found = {"model": model, "blind": blind, "success_only": success_only}
+        lines += failure_lines(failure_columns({k: v for k, v in found.items() if v}))
+    if instruction is not None:
+        lines += instruction_lines(instruction)
+    return lines
+
+
+def failure_lines(columns: dict[str, dict]) -> list[str]:
+    """The per-failure-mode table: one column per model (prefix curves), n/a where a model
+    has no such metric (the blind control's success head sees zeros, so it is near 0.5)."""
+    model = columns["failure-aware"]
+    lines = [
+        "-- per failure mode (plain prefix curves)",
+        f"{'':42s} " + " ".join(f"{name:>13s}" for name in columns),
+    ]
+    for label, key in failure_table_rows(model):
+        values = " ".join(f"{_text_value(c.get(key)):>13s}" for c in columns.values())
+        lines.append(f"{label[:42]:42s} {values}")
+    return lines
+
+
+def instruction_lines(instruction: dict) -> list[str]:
+    """Final prefix value of the successful episodes per task, true then wrong instruction."""
+    if instruction["model"] is None:
+        return [f"-- instruction: {instruction['note']}"]
+    lines = ["-- final value, true / wrong instruction (prefix, successful episodes)"]
+    blind = {(r["task"], r["outcome"]): r for r in instruction["blind"] or []}
+    for row in instruction["model"]:
+        if row["outcome"] != "success":
+            continue
+        other = blind.get((row["task"], "success"), {})
+        for which in ("true", "wrong"):
+            label = f"{row['task'][:33]} | {which}"
+            value, b = row[f"final_{which}"], other.get(f"final_{which}")
+            lines.append(f"{label:42s} {_text_value(value):>8s} {_text_value(b):>8s}")
+    return lines
+
+
+def log_metrics(
+    model: dict, blind: dict | None, instruction: dict | None = None, success_only=None
+) -> None:
+    lines = metrics_lines(model, blind, instruction, success_only)
+    logger.info("evaluation\n%s", "\n".join(lines))
+
+
+def _text_value(value) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return "n/a" if value is None or value != value else f"{value:.3f}"

@@ -17,7 +17,7 @@ the same settings scores only the episodes no part holds.
 The values: ``progress_sparse`` is the causal reward ``RewardScorer`` gives frame by frame,
 ``prefix`` the prefix curve ``rayrm evaluate`` reports (both from evaluation's
 ``ModelCurves``), ``stage`` / ``subtask_progress`` SARM's heads. Raw input is embedded from
-every camera (and the state) the checkpoint fuses (``rayrm.evaluate.run.raw_sources``); a
+every camera (and the state) the checkpoint fuses (``rayrm.evaluate.inputs.raw_sources``); a
 LeRobot episode is scored as one episode whatever its cameras (``embed.camera_as_episode``
 ids, ``episode_000007:<key>``, have no place in LeRobot's index and are refused).
 """
@@ -36,12 +36,12 @@ from rayrm.config import Config, to_dict
 from rayrm.data import schema, storage
 from rayrm.data.lerobot import is_lerobot_root
 from rayrm.data.shards import read_episode_index
-from rayrm.embed.progress import Progress
 from rayrm.errors import UserError
 from rayrm.runtime import quiet_datasets
 from rayrm.score.frames import Placement, hdf5_placement, lerobot_placement, with_rabc
 from rayrm.score.ledger import PartLedger, ScoreRun
 from rayrm.score.pipeline import part_dataset
+from rayrm.throughput import ThroughputLog
 from rayrm.train.checkpoint import find_checkpoint, read_checkpoint_config
 
 logger = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def _settings(cfg: Config, checkpoint: str) -> dict[str, Any]:
 
 def _episodes(cfg: Config, checkpoint_config: dict) -> tuple[list[str], list[int], list | None]:
     """(ids, frame counts, raw episodes or None) of every episode to score."""
-    from rayrm.evaluate.run import scan_raw_episodes
+    from rayrm.evaluate.inputs import scan_raw_episodes
 
     if cfg.score.input:
         raw = scan_raw_episodes(cfg, checkpoint_config, None)
@@ -137,7 +137,7 @@ class _Todo:
 def _episode_rows(cfg: Config, checkpoint_config: dict, ids: list[str], raw: list | None):
     """The episodes ``ids`` as whole episode rows (evaluation's readers), and the GPUs the
     embedding actors of raw input take."""
-    from rayrm.evaluate.run import raw_episode_dataset, shard_episode_dataset
+    from rayrm.evaluate.inputs import raw_episode_dataset, shard_episode_dataset
 
     if raw is None:
         return shard_episode_dataset(cfg.score.embeddings, ids), 0.0
@@ -156,7 +156,7 @@ def _score_parts(
     raw: list | None,
     placement: dict[str, Placement],
     ledger: PartLedger,
-    progress: Progress,
+    throughput: ThroughputLog,
     writer=None,
 ) -> None:
     checkpoint_config = read_checkpoint_config(checkpoint)
@@ -167,7 +167,7 @@ def _score_parts(
             episodes, cfg.score, checkpoint, wanted, run.parts_dir, run.run_id, embed_gpus, writer
         )
         for batch in records.iter_batches(batch_size=None, batch_format="pyarrow"):
-            progress.update(*ledger.add(batch))
+            throughput.update(*ledger.add(batch))
 
 
 # --------------------------------------------------------------------------- publishing
@@ -243,17 +243,17 @@ def run_score(cfg: Config, checkpoint: str | None = None, writer=None) -> ScoreR
         logger.info("resuming %s: %d episode(s) already scored", output, len(ledger.parts))
     todo = ledger.missing()
     todo_frames = [_Todo(e, ledger.num_frames[e]) for e in todo]
-    progress = Progress(todo_frames, len(ids) - len(todo), scfg.progress_every_s, "scored")
+    throughput = ThroughputLog(todo_frames, len(ids) - len(todo), scfg.progress_every_s, "scored")
     if todo:
-        _score_parts(cfg, checkpoint, run, todo, raw, placement, ledger, progress, writer)
-    progress.log()
+        _score_parts(cfg, checkpoint, run, todo, raw, placement, ledger, throughput, writer)
+    throughput.log()
     num_frames = _publish(cfg, checkpoint, run, ledger)
     result = ScoreResult(
         output=scfg.output,
         file=storage.join(scfg.output, schema.SCORE_FILE),
         num_episodes=len(ids),
         num_frames=num_frames,
-        scored_frames=progress.frames,
+        scored_frames=throughput.frames,
         seconds=time.perf_counter() - start,
     )
     logger.info(

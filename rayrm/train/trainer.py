@@ -33,6 +33,7 @@ from rayrm.data.shards import (
     ShardError,
     check_columns,
     split_episodes,
+    task_vectors,
 )
 from rayrm.errors import UserError
 from rayrm.stages import stage_priors
@@ -97,11 +98,7 @@ def assign_episodes(ids: list[str], frames: dict[str, int], world: int) -> list[
 
 def task_table(index: pa.Table) -> tuple[list[str], np.ndarray]:
     """Distinct prompts and their language embeddings (one small vector per episode)."""
-    prompts = index.column("prompt").to_pylist()
-    vectors = index.column("language_embedding").to_pylist()
-    first = {}
-    for prompt, vector in zip(prompts, vectors):
-        first.setdefault(prompt, vector)
+    first = task_vectors(index)
     tasks = sorted(first)
     return tasks, np.array([first[t] for t in tasks], dtype=np.float32).reshape(len(tasks), -1)
 

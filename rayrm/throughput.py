@@ -14,9 +14,10 @@ class HasFrames(Protocol):
     num_frames: int
 
 
-class Progress:
+class ThroughputLog:
     """A log line every ``every_s`` seconds: episodes and frames done, frames/s, ETA.
-    ``verb`` names the work (``embedded``, ``scored``)."""
+    ``verb`` names the work (``embedded``, ``scored``). Not named for "progress": in rayrm
+    that word is the reward label; this only throttles a log line."""
 
     def __init__(
         self,
