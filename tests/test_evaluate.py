@@ -85,7 +85,8 @@ def annotated(tiny_run, tmp_path_factory):
     return dataclasses.replace(tiny_run, embed=embed)
 
 
-VAL_IDS = ["episode_0000", "episode_0001", "episode_0002", "episode_0005", "episode_0008"]
+# two failures (stall, drop) among them: AUROC and per-mode metrics need more than one
+VAL_IDS = [f"episode_{i:04d}" for i in (0, 1, 2, 4, 5, 8)]
 
 
 @pytest.fixture(scope="module")
@@ -243,3 +244,32 @@ def test_backbone_dims_must_match_the_checkpoint(sarm_eval, tmp_path):
     )
     with pytest.raises(ValueError, match="checkpoint expects"):
         score_episodes(raw, [checkpoint], VAL_IDS[:1])
+
+
+def test_metrics_json_is_recomputed_from_curves_json(sarm_eval):
+    """The metrics of each curve kind, recomputed here from the written curves with
+    independent code (sklearn's AUROC, scipy's Spearman): a swapped curve kind, a broken
+    AUROC or metrics of other rows would not match."""
+    from scipy.stats import spearmanr
+    from sklearn.metrics import roc_auc_score
+
+    cfg, _, result = sarm_eval
+    found = json.load(open(result.metrics_path))["curves"]
+    rows = json.load(open(os.path.join(cfg.evaluate.output, "curves.json")))
+    rewound = json.load(open(os.path.join(cfg.evaluate.output, "rewound_curves.json")))
+    success = [s is not False for s in rows["success"]]
+    assert 2 <= sum(success) <= len(success) - 2  # more than one of each outcome
+    for kind in CURVE_KINDS:
+        final = [c[-1] for c in rows[kind]]
+        expert = [c for c, s in zip(rows[kind], success) if s]
+        values = found[kind]
+        assert values["auroc_success_vs_failure"] == pytest.approx(roc_auc_score(success, final))
+        voc = np.mean([spearmanr(c, np.arange(len(c))).statistic for c in expert])
+        assert values["voc_expert"] == pytest.approx(voc)
+        assert values["final_expert_mean"] == pytest.approx(np.mean([c[-1] for c in expert]))
+        falls = [c[-1] < c[t] for c, t in zip(rewound[kind], rewound["turn"])]
+        assert values["rewind_fall_rate"] == pytest.approx(np.mean(falls))
+    # the kinds differ, so the checks above tell them apart (causal equals prefix by design)
+    assert found["chained"]["voc_expert"] != pytest.approx(found["prefix"]["voc_expert"])
+    finals = {kind: [c[-1] for c in rows[kind]] for kind in ("prefix", "chained")}
+    assert finals["prefix"] != pytest.approx(finals["chained"])

@@ -91,7 +91,6 @@ def trained(tmp_path_factory):
         evaluate=EvaluateConfig(
             embeddings=embeddings,
             output=str(work / "eval"),
-            rewind=False,
             episode_figures=0,
             videos=0,
             report=False,
@@ -104,8 +103,14 @@ def trained(tmp_path_factory):
             train=dataclasses.replace(cfg.train, only_successful=True, run_name="success_only"),
         )
     )
+    blind = run_train(  # the same training on zeroed inputs: what position alone gives
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, blind=True, run_name="blind"))
+    )
     result = run_evaluate(
-        cfg, checkpoint=aware.best_checkpoint, success_only_checkpoint=only.best_checkpoint
+        cfg,
+        checkpoint=aware.best_checkpoint,
+        success_only_checkpoint=only.best_checkpoint,
+        blind_checkpoint=blind.best_checkpoint,
     )
     return result
 
@@ -146,3 +151,16 @@ def test_the_success_only_control_never_saw_a_failure(trained):
     assert only["train"]["only_successful"] is True
     assert aware["train"]["only_successful"] is False
     assert only["split"]["val_episodes"] == aware["split"]["val_episodes"]  # same held-out set
+
+
+def test_the_model_beats_the_blind_control_on_held_out_episodes(trained):
+    """Trained the same way on zeroed inputs, the blind control can only learn progress from
+    the frame count: it cannot tell a success from a failure, nor see a rewind, so its
+    scores are the floor the model must clear."""
+    model, blind = trained.metrics["curves"]["prefix"], trained.metrics["blind_control"]["prefix"]
+    assert model["num_rewound"] == blind["num_rewound"] >= 10
+    assert model["auroc_success_vs_failure"] >= 0.9
+    assert blind["auroc_success_vs_failure"] < model["auroc_success_vs_failure"] - 0.15
+    assert model["rewind_fall_rate"] >= 0.8, model["rewind_fall_rate"]  # rewinds fall
+    assert blind["rewind_fall_rate"] <= 0.5, blind["rewind_fall_rate"]
+    assert model["rewind_voc_after_turn"] < blind["rewind_voc_after_turn"]

@@ -22,17 +22,18 @@ from safetensors.torch import load_file
 import rayrm.train.trainer
 from rayrm.config import ModelConfig, TrainConfig
 from rayrm.data import schema
-from rayrm.data.shards import EpisodeBatch, ShardError
+from rayrm.data.shards import EpisodeBatch, EpisodeReader, ShardError
 from rayrm.evaluate.run import run_evaluate
 from rayrm.train.checkpoint import load_model
 from rayrm.train.loop import (
     DeviceEpisodes,
     global_input_stats,
     optimizer_and_schedule,
+    parameter_hash,
     window_inputs,
 )
 from rayrm.train.model import RewardTransformer
-from rayrm.train.trainer import assign_episodes, run_train
+from rayrm.train.trainer import assign_episodes, make_split, run_train
 from rayrm.train.windows import sample_windows
 
 
@@ -71,6 +72,20 @@ def test_two_worker_ddp_validation_loss_falls(ddp_run):
     assert {"visual_mean", "visual_std"} <= set(weights)
 
 
+def test_ddp_ranks_end_equal_and_each_trained_on_its_share(ddp_run):
+    cfg, result = ddp_run
+    config = json.load(open(os.path.join(result.latest_checkpoint, "config.json")))
+    hashes = config["param_hash_per_rank"]
+    assert len(hashes) == 2 and hashes[0] == hashes[1], hashes  # the all-reduce kept them equal
+    model, _ = load_model(result.latest_checkpoint)
+    assert hashes[0] == parameter_hash(model)  # the hash of the weights the checkpoint holds
+    split = make_split(cfg, EpisodeReader(cfg.train.embeddings).index())
+    ranks = assign_episodes(split.train, split.frames, 2)
+    assert all(ranks) and sorted(sum(ranks, [])) == sorted(split.train)
+    shares = [sum(split.frames[e] for e in episodes) for episodes in ranks]
+    assert config["train_frames_per_rank"] == shares
+
+
 def test_same_seed_and_workers_give_the_same_weights(ddp_run, tmp_path):
     cfg, first = ddp_run
     second = run_train(with_train(cfg, tmp_path, **DDP))
@@ -105,10 +120,33 @@ def test_worker_crash_restarts_from_checkpoint(tiny_run, tmp_path):
         max_failures=1,
     )
     result = run_train(cfg)
-    assert os.path.exists(os.path.join(result.run_dir, ".crashed_at_step_15"))
+    marker = os.path.join(result.run_dir, ".crashed_at_step_15")
+    assert os.path.exists(marker)
     history = checkpoint_metrics(result.run_dir)
     assert [m["step"] for m in history] == [10, 20, 30]  # resumed at 10, went past 15
     assert all(np.isfinite(m["val_loss"]) and m["val_loss"] < 0.2 for m in history)
+    assert resumed_from(result.run_dir) == {10: 0, 20: 10, 30: 10}
+    # written before the crash and never again: a restart from step 0 would rewrite it
+    before_crash = os.path.join(result.run_dir, "checkpoint_step00000010")
+    assert all(
+        os.path.getmtime(os.path.join(before_crash, name)) < os.path.getmtime(marker)
+        for name in os.listdir(before_crash)
+    )
+
+
+def resumed_from(run_dir: str) -> dict[int, int]:
+    """Per checkpoint step: the step its run started from (0 = fresh), and a check that only
+    a fresh run's checkpoints carry the untrained model's scores (``val_at_start``)."""
+    found = {}
+    for path in sorted(glob.glob(os.path.join(run_dir, "checkpoint_step*", "config.json"))):
+        config = json.load(open(path))
+        found[config["step"]] = config["resumed_from_step"]
+        assert ("val_at_start" in config) == (config["resumed_from_step"] == 0), path
+    return found
+
+
+def checkpoint_bytes(path: str) -> dict[str, bytes]:
+    return {name: open(os.path.join(path, name), "rb").read() for name in os.listdir(path)}
 
 
 def test_manual_restart_resumes_a_failed_run(tiny_run, tmp_path):
@@ -123,8 +161,12 @@ def test_manual_restart_resumes_a_failed_run(tiny_run, tmp_path):
     )
     with pytest.raises(Exception):  # noqa: B017 - Ray wraps the worker's death
         run_train(cfg)
+    before_crash = os.path.join(cfg.train.output, cfg.train.run_name, "checkpoint_step00000010")
+    saved = checkpoint_bytes(before_crash)
     result = run_train(cfg)  # same output and run name: resume from step 10
     assert [m["step"] for m in checkpoint_metrics(result.run_dir)] == [10, 20]
+    assert resumed_from(result.run_dir) == {10: 0, 20: 10}
+    assert checkpoint_bytes(before_crash) == saved  # the restart left it as it was
     state = torch.load(os.path.join(result.latest_checkpoint, "train_state.pt"), weights_only=True)
     assert state["step"] == 20
 

@@ -16,6 +16,7 @@ failure Ray Train restarts the workers and ``ray.train.get_checkpoint()`` resume
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import tempfile
@@ -152,6 +153,16 @@ def gather_per_rank(value: float, world: int, rank: int, device) -> list[float]:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(slots)
     return slots.tolist()
+
+
+def parameter_hash(model: torch.nn.Module) -> int:
+    """The first 48 bits of a SHA-256 of the model's weights and buffers: equal on every rank
+    while DDP keeps the replicas in step, and exact as a float64, so ranks can gather it."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return int(digest.hexdigest()[:12], 16)
 
 
 def global_input_stats(episodes: DeviceEpisodes) -> list[torch.Tensor]:
@@ -421,13 +432,29 @@ def _resume(model, optimizer, schedule) -> int:
     return int(state["step"])
 
 
-def _crash_drill(cfg: TrainConfig, step: int, rank: int, marker_dir: str) -> None:
-    """``train.crash_at_step``: rank 0 dies once at that step, to prove the restart works."""
-    marker = storage.join(marker_dir, f".crashed_at_step_{step}")
-    if cfg.crash_at_step == step and rank == 0 and not storage.exists(marker):
-        storage.write_bytes(marker, b"")
-        logger.warning("crash drill: rank 0 exits at step %d", step)
-        os._exit(1)
+# Ray Train's record of the checkpoints it has registered, in the run folder.
+_CHECKPOINT_RECORD = "checkpoint_manager_snapshot.json"
+
+
+def _crash_drill(cfg: TrainConfig, step: int, rank: int, run_dir: str, val_every: int) -> None:
+    """``train.crash_at_step``: rank 0 dies once at that step, to prove the restart works.
+
+    It first waits (up to 30 s) until Ray Train has registered the last checkpoint: Ray picks
+    up a report some time after the worker made it, and a crash a few steps later would
+    otherwise restart from the one before, or from scratch, instead of testing the resume."""
+    marker = storage.join(run_dir, f".crashed_at_step_{step}")
+    if cfg.crash_at_step != step or rank != 0 or storage.exists(marker):
+        return
+    last = (step - 1) - (step - 1) % val_every
+    record = storage.join(run_dir, _CHECKPOINT_RECORD)
+    deadline = time.monotonic() + 30.0
+    while last > 0 and time.monotonic() < deadline:
+        if storage.exists(record) and f"checkpoint_step{last:08d}" in storage.read_text(record):
+            break
+        time.sleep(0.1)
+    storage.write_bytes(marker, b"")
+    logger.warning("crash drill: rank 0 exits at step %d", step)
+    os._exit(1)
 
 
 @dataclass
@@ -624,6 +651,22 @@ def mean_losses(steps: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     }
 
 
+def worker_frames(worker: Worker) -> list[int]:
+    """The training frames each rank holds (every rank calls this: a barrier)."""
+    frames = int(worker.train.host.offsets[-1])
+    return [int(n) for n in gather_per_rank(frames, worker.world, worker.rank, worker.device)]
+
+
+def final_hashes(worker: Worker, step: int) -> list[int]:
+    """Every rank's :func:`parameter_hash` (a barrier); they differ if DDP lost step."""
+    own = parameter_hash(worker.raw_model)
+    hashes = gather_per_rank(own, worker.world, worker.rank, worker.device)
+    hashes = [int(h) for h in hashes]
+    if worker.rank == 0:
+        logger.info("step %d: parameter hash per rank %s", step, [f"{h:012x}" for h in hashes])
+    return hashes
+
+
 def train_loop_per_worker(config: dict[str, WorkerPlan]) -> None:
     plan = config[PLAN_KEY]
     setup_logging(plan.log_level)
@@ -634,7 +677,13 @@ def train_loop_per_worker(config: dict[str, WorkerPlan]) -> None:
     start = _resume(worker.raw_model, worker.optimizer, worker.schedule)
     total_steps, val_every = plan.total_steps, plan.val_every
     seq_len = plan.model.max_seq_len
-    meta = {"train": to_dict(cfg), **plan.meta, "input_bytes_per_rank": worker.input_bytes}
+    meta = {
+        "train": to_dict(cfg),
+        **plan.meta,
+        "input_bytes_per_rank": worker.input_bytes,
+        "train_frames_per_rank": worker_frames(worker),
+        "resumed_from_step": start,
+    }
     if start == 0 and worker.rank == 0:  # the untrained model's scores: the baseline to beat
         meta["val_at_start"] = worker.validate()
     trackers = Trackers(cfg.loggers if worker.rank == 0 else [], plan.run_dir, meta)
@@ -642,7 +691,7 @@ def train_loop_per_worker(config: dict[str, WorkerPlan]) -> None:
     generator.manual_seed(cfg.seed * 1000 + worker.rank + 7919 * start)
     losses, tick = [], time.perf_counter()
     for step in range(start + 1, total_steps + 1):
-        _crash_drill(cfg, step, worker.rank, plan.run_dir)
+        _crash_drill(cfg, step, worker.rank, plan.run_dir, val_every)
         losses.append(train_step(worker, generator, seq_len))
         if step % val_every == 0 or step == total_steps:
             seconds = time.perf_counter() - tick
@@ -652,6 +701,8 @@ def train_loop_per_worker(config: dict[str, WorkerPlan]) -> None:
                 "lr": worker.schedule.get_last_lr()[0],
                 "windows_per_s": len(losses) * cfg.batch_size / max(seconds, 1e-9),
             }
+            if step == total_steps:
+                meta = {**meta, "param_hash_per_rank": final_hashes(worker, step)}
             _report(worker, step, scalars, meta, trackers)
             losses, tick = [], time.perf_counter()
     trackers.close()
