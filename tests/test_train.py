@@ -341,3 +341,23 @@ def test_tensorboard_tracker_writes_events(tmp_path):
     trackers.log({"val_loss": 0.5}, step=1)
     trackers.close()
     assert glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
+
+
+# A learning rate high enough that the validation loss rises and falls between reports, so
+# "keep the best" and "keep the latest" keep different checkpoints.
+BOUNCY = dict(num_workers=1, steps=40, val_every=5, lr=3e-2, warmup_steps=0)
+
+
+def test_checkpoint_retention_keeps_the_best_by_validation_loss(tiny_run, tmp_path):
+    """Same seed twice: every checkpoint (num_to_keep 0), then num_to_keep 2. The second run
+    keeps the two lowest validation losses of the first's history (Ray also keeps the
+    latest, to resume from), and its best checkpoint is the first's lowest."""
+    every = run_train(with_train(tiny_run, tmp_path / "all", **BOUNCY, num_to_keep=0))
+    history = {m["step"]: m["val_loss"] for m in checkpoint_metrics(every.run_dir)}
+    assert sorted(history) == list(range(5, 41, 5))
+    by_loss = sorted(history, key=history.get)
+    assert by_loss[:2] != [35, 40] and by_loss[0] != 40, history  # the test can tell them apart
+    kept = run_train(with_train(tiny_run, tmp_path / "two", **BOUNCY, num_to_keep=2))
+    steps = [m["step"] for m in checkpoint_metrics(kept.run_dir)]
+    assert set(by_loss[:2]) <= set(steps) <= set(by_loss[:2]) | {40}, (steps, history)
+    assert json.load(open(os.path.join(kept.best_checkpoint, "config.json")))["step"] == by_loss[0]
