@@ -16,6 +16,7 @@ def test_shard_files_lists_chunk_files_of_one_run_or_all(tmp_path):
         (chunks / name).write_bytes(b"")
     assert shard_files(str(tmp_path), "runA") == ["chunks/runA-1.parquet", "chunks/runA-2.parquet"]
     assert len(shard_files(str(tmp_path))) == 3
+    assert shard_files(str(tmp_path), "") == []  # a folder not opened yet names no run
     assert shard_files(str(tmp_path / "none")) == []
 
 

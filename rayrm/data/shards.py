@@ -195,10 +195,10 @@ def _list_parts(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
 
 def shard_files(folder: str, run_id: str | None = None) -> list[str]:
     """The chunk files under ``folder`` (relative names, ``chunks/<run>-<unique>.parquet``),
-    sorted; only run ``run_id``'s when given. What is on disk, committed or not: readers go
-    by the manifest's list instead."""
+    sorted; only run ``run_id``'s when given (an empty id is no run's: none). What is on
+    disk, committed or not: readers go by the manifest's list instead."""
     where = storage.join(folder, schema.CHUNKS_DIR)
-    prefix = f"{run_id}-" if run_id else ""
+    prefix = "" if run_id is None else f"{run_id}-"
     return sorted(
         f"{schema.CHUNKS_DIR}/{name}"
         for name in storage.listdir(where)
