@@ -219,7 +219,7 @@ def test_frame_embedder_runs_the_backbone_on_batch_size_frames_at_a_time(monkeyp
 )
 def test_a_call_takes_whole_blocks_of_whole_batches(batch_size, frames_per_block, per_call):
     ecfg = EmbedConfig(batch_size=batch_size, frames_per_block=frames_per_block)
-    assert pipeline._frames_per_call(ecfg) == per_call
+    assert pipeline.frames_per_call(ecfg) == per_call
 
 
 @pytest.mark.parametrize("thread_safe", [False, True])

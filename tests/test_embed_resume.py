@@ -33,7 +33,7 @@ from rayrm.data import schema
 from rayrm.data.chunks import write_chunks
 from rayrm.embed import ResumeError, run_embed
 from rayrm.embed.ledger import RunFolder
-from rayrm.embed.run import _settings
+from rayrm.embed.run import embed_settings
 
 
 def frames_of(rows: dict[str, dict], ids) -> int:
@@ -92,12 +92,12 @@ def test_an_unfinished_folder_is_resumed_only_when_it_matches(tiny_run, tmp_path
     output = str(tmp_path / "emb")
     cfg = with_embed(tiny_run, output=output)
     other = with_backbone(cfg, seed=cfg.backbone.seed + 1)  # other weights, other embeddings
-    RunFolder(output).open(_settings(other), overwrite=False).close()
+    RunFolder(output).open(embed_settings(other), overwrite=False).close()
     with pytest.raises(ResumeError, match=r"other settings \(backbone: .*'seed': 4"):
         run_embed(cfg)
 
     # Same settings, but a committed episode the input does not hold (the input changed).
-    run = RunFolder(output).open(_settings(cfg), overwrite=True)
+    run = RunFolder(output).open(embed_settings(cfg), overwrite=True)
     ghost = {
         "episode_id": np.array(["ghost"] * 4, dtype=object),
         "frame_index": np.arange(4, dtype=np.int32),
@@ -109,7 +109,7 @@ def test_an_unfinished_folder_is_resumed_only_when_it_matches(tiny_run, tmp_path
         run_embed(cfg)
 
     # Another run holds the folder: refused, and its folder is left alone.
-    held = RunFolder(output).open(_settings(cfg), overwrite=False)
+    held = RunFolder(output).open(embed_settings(cfg), overwrite=False)
     try:
         with pytest.raises(FileExistsError, match="another embedding run"):
             run_embed(cfg)

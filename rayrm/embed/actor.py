@@ -43,7 +43,7 @@ class FrameEmbedder:
     """Ray Data callable class: loads the backbone once per actor, then embeds batches.
 
     A call gets whole read blocks where a block holds several backbone batches
-    (:func:`_frames_per_call`) and runs the backbone on ``batch_size`` frames at a time.
+    (:func:`frames_per_call`) and runs the backbone on ``batch_size`` frames at a time.
     A batch may hold frames of several episodes, and episodes may differ in image size: Ray
     Data then hands over an object array of per-frame arrays, which is embedded one image
     size at a time (the backbone resizes, so sizes need not match across calls).

@@ -57,7 +57,7 @@ def _actor_pool(ecfg: EmbedConfig) -> ray.data.ActorPoolStrategy:
     calls = ecfg.calls_per_actor or (_GPU_CALLS_PER_ACTOR if ecfg.num_gpus_per_actor > 0 else 1)
     # Four calls queued per actor (Ray's default: two) keep it busy while the executor loop
     # notices a finished call and sends the next (bench/RESULTS.md; a call now takes a
-    # whole block, see _frames_per_call).
+    # whole block, see frames_per_call).
     queue = {
         "max_tasks_in_flight_per_actor": max(_CALLS_QUEUED_PER_ACTOR, 2 * calls),
         "max_concurrent_calls_per_actor": calls,
@@ -72,7 +72,7 @@ def _actor_pool(ecfg: EmbedConfig) -> ray.data.ActorPoolStrategy:
     return ray.data.ActorPoolStrategy(size=size, **queue)
 
 
-def _frames_per_call(ecfg: EmbedConfig) -> int:
+def frames_per_call(ecfg: EmbedConfig) -> int:
     """Frames per actor call: whole read blocks when a block holds several backbone batches
     (the actor then slices them into ``batch_size`` frames itself).
 
@@ -167,7 +167,7 @@ def _embedding_dataset(
                 "batch_size": ecfg.batch_size,
                 **(actor_kwargs or {}),
             },
-            batch_size=_frames_per_call(ecfg),
+            batch_size=frames_per_call(ecfg),
             batch_format="numpy",
             compute=_actor_pool(ecfg),
             num_gpus=ecfg.num_gpus_per_actor,

@@ -161,7 +161,7 @@ def _scan(ecfg: EmbedConfig, backbone: str) -> tuple[list[EpisodeInfo], list[Epi
     return episodes, failures
 
 
-def _settings(cfg: Config) -> dict[str, Any]:
+def embed_settings(cfg: Config) -> dict[str, Any]:
     """What decides the embeddings: a rerun resumes only when these are unchanged."""
     return {
         "format": schema.EMBEDDINGS_FORMAT,
@@ -331,7 +331,7 @@ def run_embed(cfg: Config) -> EmbedResult:
     _check_output(output, ecfg.overwrite)
     episodes, failures = _scan(ecfg, cfg.backbone.name)
     prompt_task = PromptVectorsTask(cfg, episodes)
-    run = RunFolder(output).open(_settings(cfg), ecfg.overwrite)
+    run = RunFolder(output).open(embed_settings(cfg), ecfg.overwrite)
     try:
         ledger = _resume(run, episodes, ecfg.overwrite)
         todo = [e for e in episodes if e.episode_id not in ledger.tiles]
